@@ -1,0 +1,150 @@
+"""Composition: the one place that builds concrete backends and wires them into the aiohttp app."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import multiprocess as prom_multiprocess
+
+from .auth import KeyRing
+from .config import Config, resolve_path
+from .ledger import Ledger
+from .metrics import Metrics
+from .pipeline import handle
+from .pricing import PriceTable
+from .providers import build_adapter
+from .quota.gate import Gate
+from .quota.memory import MemoryStore
+from .quota.redis_store import RedisStore
+from .quota.store import QuotaStore
+from .route import Router
+from .services import SERVICES, TRACKER, Services, Tracker
+from .tokens import Tokenizer
+
+log = logging.getLogger("meterproxy")
+
+CONFIG = web.AppKey("config", Config)
+CONFIG_PATH = web.AppKey("config_path", str)
+REGISTRY = web.AppKey("registry", CollectorRegistry)
+STORE = web.AppKey("store", QuotaStore)  # type: ignore[type-abstract]
+DRAINING = web.AppKey("draining", asyncio.Event)
+_SHIPPED_PRICING = Path(__file__).resolve().parent.parent / "config" / "pricing.yaml"
+
+
+def pricing_path(config: Config, config_path: str) -> Path | None:
+    if not config.pricing_file:
+        return None
+    p = resolve_path(config_path, config.pricing_file)
+    if not p.exists() and config.pricing_file == "config/pricing.yaml" and _SHIPPED_PRICING.exists():
+        return _SHIPPED_PRICING
+    return p
+
+
+def load_prices(config: Config, config_path: str) -> PriceTable:
+    path = pricing_path(config, config_path)
+    if path is None:
+        return PriceTable.from_overrides(config.prices)
+    return PriceTable.load(path, config.prices)
+
+
+def build_store(config: Config) -> QuotaStore:
+    tz = ZoneInfo(config.timezone)
+    if config.store == "memory":
+        return MemoryStore(tz=tz)
+    return RedisStore(config.store, tz=tz, timeout_seconds=config.store_timeout)
+
+
+def create_app(config: Config, config_path: str = "config.yaml", *, registry: CollectorRegistry | None = None,
+               tokenizer: Tokenizer | None = None) -> web.Application:
+    app = web.Application(client_max_size=config.max_body_bytes + 1)
+    app[CONFIG] = config
+    app[CONFIG_PATH] = config_path
+    app[REGISTRY] = registry or CollectorRegistry()
+    app[TRACKER] = Tracker()
+    app[DRAINING] = asyncio.Event()
+    app.cleanup_ctx.append(_services_ctx(tokenizer))
+    app.on_shutdown.append(_start_drain)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_endpoint)
+    app.router.add_route("*", "/{tail:.*}", handle)
+    return app
+
+
+def _services_ctx(tokenizer: Tokenizer | None):  # type: ignore[no-untyped-def]
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        config = app[CONFIG]
+        multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        metrics = Metrics(app[REGISTRY], config.metrics.max_user_labels, config.metrics.max_team_labels, multiprocess)
+        tok = tokenizer or Tokenizer(config.tokenizer.encodings, config.tokenizer.default_encoding)
+        await asyncio.to_thread(tok.load)  # encodings load once, off the event loop
+        metrics.tokenizer_fallback.set(1 if tok.fallback else 0)
+        prices = load_prices(config, app[CONFIG_PATH])
+        store = build_store(config)
+        try:
+            await store.start()
+        except Exception as e:  # noqa: BLE001 - a store down at start is served per on_store_failure
+            log.warning("quota store not reachable at start: %s", e)
+        app[STORE] = store
+        tz = ZoneInfo(config.timezone)
+        gate = Gate(config, store, prices, metrics, tz)
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300)
+        session = aiohttp.ClientSession(connector=connector, auto_decompress=True, skip_auto_headers=("User-Agent",))
+        ledger = Ledger(config.ledger.path, metrics, fsync_interval=config.ledger.fsync_interval,
+                        rotate_bytes=config.ledger.rotate_bytes, queue_size=config.ledger.queue_size)
+        await ledger.start()
+        adapters = {name: build_adapter(name, p) for name, p in config.providers.items()}
+        app[SERVICES] = Services(config, adapters, Router(config, adapters), KeyRing(config), tok, prices, gate,
+                                 session, metrics, ledger, tz)
+        replay = asyncio.get_running_loop().create_task(gate.replay_loop())
+        log.info("meterproxy ready: %d providers, store %s", len(adapters),
+                 "memory" if config.store == "memory" else "redis")
+        yield
+        # Shutdown: in-flight handlers are done; finish their settle/record, then flush the ledger.
+        await app[TRACKER].drain()
+        await gate.replay_pending()
+        replay.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await replay
+        await ledger.close()
+        await session.close()
+        await store.close()
+
+    return ctx
+
+
+async def _start_drain(app: web.Application) -> None:
+    app[DRAINING].set()
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    if request.app[DRAINING].is_set():
+        return web.json_response({"status": "draining"}, status=503)
+    store_ok = await request.app[STORE].ping()
+    svc = request.app[SERVICES]
+    body = {"status": "ok" if store_ok else "store_unreachable", "store": store_ok,
+            "on_store_failure": svc.config.on_store_failure, "tokenizer_fallback": svc.tokenizer.fallback}
+    # Fail-open still serves: ready. Closed mode cannot serve without the store.
+    ready = store_ok or svc.config.on_store_failure == "open"
+    return web.json_response(body, status=200 if ready else 503)
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    registry = request.app[REGISTRY]
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        prom_multiprocess.MultiProcessCollector(registry)
+    data = await asyncio.to_thread(generate_latest, registry)
+    return web.Response(body=data, headers={"content-type": CONTENT_TYPE_LATEST})

@@ -1,0 +1,84 @@
+"""Forward: send a request upstream on the app's one ClientSession, with the real key and timeouts.
+
+Only configured upstreams are ever reached: the URL is the provider's base_url plus the routed
+path; redirects are not followed; client auth headers and hop-by-hop headers never go upstream.
+"""
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from .errors import UpstreamTimeout, UpstreamUnreachable
+from .providers import Adapter, Call
+from .providers.base import CLIENT_KEY_HEADERS
+
+HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+     "trailers", "transfer-encoding", "upgrade", "proxy-connection"}
+)
+# Request headers the proxy sets itself (or must not pass on).
+_DROP_REQUEST = HOP_BY_HOP | frozenset(CLIENT_KEY_HEADERS) | frozenset(
+    {"host", "content-length", "accept-encoding", "x-meterproxy-user", "forwarded", "x-forwarded-for",
+     "x-forwarded-host", "x-forwarded-proto", "expect"}
+)
+
+
+def upstream_headers(request: web.Request, adapter: Adapter) -> CIMultiDict[str]:
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in request.headers.items():
+        lname = name.lower()
+        if lname not in _DROP_REQUEST:
+            headers.add(name, value)
+    connection = request.headers.get("connection", "")
+    for token in connection.split(","):  # headers named in Connection are hop-by-hop too
+        headers.popall(token.strip(), None)
+    adapter.set_auth(headers)
+    return headers
+
+
+def upstream_url(adapter: Adapter, strip: int, request: web.Request) -> URL:
+    # Built from the configured base URL only: the client's raw path is appended, never parsed as
+    # a URL, so no request line or Host header can point the proxy anywhere else.
+    base = URL(adapter.base_url)
+    tail = request.raw_path.split("?", 1)[0][strip:] or "/"
+    return base.with_path(base.raw_path.rstrip("/") + tail, encoded=True).with_query(
+        adapter.upstream_query(request.query)
+    )
+
+
+async def send(
+    session: aiohttp.ClientSession,
+    adapter: Adapter,
+    call: Call,
+    strip: int,
+    request: web.Request,
+    body: bytes | None,
+) -> aiohttp.ClientResponse:
+    """Open the upstream exchange; raises our 502/504 errors, never aiohttp's."""
+    t = adapter.config.timeouts
+    # Streams get an idle (per-read) timeout, never a total one: a long generation is not a hung one.
+    timeout = (
+        aiohttp.ClientTimeout(total=None, sock_connect=t.connect, sock_read=t.idle)
+        if call.stream
+        else aiohttp.ClientTimeout(total=t.read, sock_connect=t.connect)
+    )
+    url = upstream_url(adapter, strip, request)
+    try:
+        return await session.request(
+            request.method,
+            url,
+            headers=upstream_headers(request, adapter),
+            data=body,
+            timeout=timeout,
+            allow_redirects=False,
+        )
+    except (aiohttp.ServerTimeoutError, asyncio.TimeoutError):
+        raise UpstreamTimeout(f"The upstream provider {adapter.name!r} did not answer in time.") from None
+    except aiohttp.ClientError as e:
+        raise UpstreamUnreachable(
+            f"The upstream provider {adapter.name!r} could not be reached ({type(e).__name__})."
+        ) from None

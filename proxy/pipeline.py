@@ -1,0 +1,189 @@
+"""The request's way: route → authenticate → estimate → admit → forward → relay → settle → record.
+
+`handle` reads top to bottom in that order. Settle and record always run (errors and hang-ups
+too) as one tracked task, off the response path, that shutdown waits for.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from .auth import END_USER_HEADER, presented_key
+from .errors import BadRequest, PayloadTooLarge, ProxyError
+from .estimate import Estimate, estimate
+from .forwarding import send
+from .providers import Adapter, Call, StreamTap
+from .quota.gate import Ticket
+from .records import Subject, UsageRecord
+from .relay import Relayed, relay_body, relay_stream
+from .services import SERVICES, TRACKER, Services
+from .settle import actual_usage
+
+log = logging.getLogger("meterproxy.pipeline")
+
+# Body fields whose JSON type the proxy relies on; a wrong type is the client's 400, not our 500.
+_FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "model": str, "stream": bool, "messages": list, "max_tokens": int, "max_completion_tokens": int,
+    "max_output_tokens": int, "n": int, "stream_options": dict, "tools": list, "contents": list,
+    "generationConfig": dict, "input": (str, list), "prompt": (str, list), "system": (str, list),
+}
+
+
+@dataclass(slots=True)
+class Flight:
+    """What is known about one request so far; settle and record read it whatever happened."""
+
+    request_id: str
+    started: float  # unix seconds
+    t0: float  # perf_counter at arrival
+    subject: Subject | None = None
+    adapter: Adapter | None = None
+    call: Call | None = None
+    est: Estimate | None = None
+    ticket: Ticket | None = None
+    relayed: Relayed | None = None
+    status: int = 0
+    error: str | None = None
+    t_forward: float = 0.0
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    svc = request.app[SERVICES]  # a snapshot: a reload swaps it, in-flight requests keep theirs
+    f = Flight(uuid.uuid4().hex, time.time(), time.perf_counter())
+    f.headers["x-request-id"] = f.request_id
+    try:
+        return await _run(request, svc, f)
+    except ProxyError as e:
+        f.status, f.error = e.status, f.error or e.code
+        return _error_response(svc, request, f, e)
+    finally:
+        if f.adapter is not None:
+            svc.metrics.inflight.labels(f.adapter.name).dec()
+        if f.subject is not None and f.call is not None:
+            request.app[TRACKER].spawn(_settle_and_record(svc, f, time.perf_counter()))
+
+
+async def _run(request: web.Request, svc: Services, f: Flight) -> web.StreamResponse:
+    # route (by path; the unified /v1 route needs the body's model first)
+    target = svc.router.by_path(request.path)
+    # authenticate
+    entry = svc.keys.lookup(presented_key(request.headers, request.query))
+    f.subject = svc.keys.subject(entry, request.headers.get(END_USER_HEADER))
+    raw = await _read_body(request, svc.config.max_body_bytes)
+    body = _parse_json(raw, request)
+    if target is None:
+        target = svc.router.by_model(request.path, body.get("model") if body else None)
+    f.adapter = adapter = target.adapter
+    svc.metrics.inflight.labels(adapter.name).inc()
+    f.call = call = adapter.call(request.method, target.path, request.query, body)
+    # estimate
+    f.est = est = estimate(adapter, call, body, svc.tokenizer, svc.prices, svc.today(),
+                           svc.config.default_max_output_tokens)
+    if not est.priced and call.model and svc.config.on_unpriced == "reject" and est.prompt_tokens:
+        raise BadRequest(f"Model {est.model!r} has no price in meterproxy's price table (on_unpriced: reject).")
+    # admit
+    f.ticket = ticket = await svc.gate.admit(f.subject, adapter, call, est, f.request_id)
+    f.headers.update(ticket.headers)
+    # forward
+    out = raw
+    strip = False
+    if body is not None:
+        changed = False
+        if ticket.clamp_output is not None:
+            adapter.set_max_output_tokens(call, body, ticket.clamp_output)
+            changed = True
+        prepared, strip = adapter.prepare_body(call, body)
+        if changed or prepared:
+            out = orjson.dumps(body)  # only re-serialized when something in it changed
+    f.t_forward = time.perf_counter()
+    upstream = await send(svc.session, adapter, call, target.strip, request, out)
+    # relay
+    if call.stream and upstream.status < 300:
+        resp, f.relayed = await relay_stream(request, upstream, adapter, call, strip, f.headers, f.t0,
+                                             lambda tap: svc.gate.overrun(ticket, tap, svc.tokenizer, est.model))
+    else:
+        async with upstream:
+            resp, f.relayed = await relay_body(upstream, adapter, call, f.headers)
+    f.status = f.relayed.status
+    return resp
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"The request body is {request.content_length} bytes; the limit is {limit}.")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"The request body is over the limit of {limit} bytes.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse_json(raw: bytes, request: web.Request) -> dict[str, Any] | None:
+    if not raw or request.method not in ("POST", "PUT", "PATCH"):
+        return None
+    ctype = request.headers.get("content-type", "")
+    if "json" not in ctype and raw[:1] not in (b"{", b"["):
+        return None  # uploads (multipart, audio) pass through unparsed
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise BadRequest(f"The request body is not valid JSON: {e}.") from None
+    if not isinstance(body, dict):
+        raise BadRequest("The request body must be a JSON object.")
+    for name, kind in _FIELD_TYPES.items():
+        v = body.get(name)
+        if v is not None and (not isinstance(v, kind) or (kind is int and isinstance(v, bool))):
+            raise BadRequest(f"Field `{name}` has the wrong type: expected {_type_name(kind)}.")
+    return body
+
+
+def _type_name(kind: type | tuple[type, ...]) -> str:
+    names = {str: "a string", bool: "a boolean", list: "an array", int: "an integer", dict: "an object"}
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _error_response(svc: Services, request: web.Request, f: Flight, e: ProxyError) -> web.Response:
+    adapter = f.adapter or svc.guess_adapter(request)
+    headers = {**f.headers, **e.headers, "content-type": "application/json"}
+    return web.Response(status=e.status, body=adapter.error_body(e), headers=headers)
+
+
+async def _settle_and_record(svc: Services, f: Flight, t_end: float) -> None:
+    assert f.subject is not None and f.call is not None and f.adapter is not None
+    call, est, got = f.call, f.est, f.relayed
+    if est is None:  # refused before the estimate (bad body): nothing to bill
+        est = Estimate(f.adapter.pricing_model(call.model), 0, svc.tokenizer.source, 0, None, 1, 0, True)
+    usage = actual_usage(call, est, got, svc.tokenizer)
+    day = svc.day_of(f.started)
+    model = usage.model if usage.model and svc.prices.lookup(usage.model, day) else est.model
+    cost, priced = svc.prices.cost_micro_usd(model, usage.tokens, day)
+    if f.ticket is not None:
+        await svc.gate.settle(f.ticket, usage.tokens, cost)
+    overhead = None
+    if got is not None and f.t_forward:
+        overhead = (f.t_forward - f.t0) + max(0.0, t_end - got.upstream_done)
+    rec = UsageRecord(
+        event_id=f.request_id, request_id=f.request_id, time=f.started, user=f.subject.user,
+        team=f.subject.team, plan=f.subject.plan, key_id=f.subject.key_id, provider=f.adapter.name,
+        model=est.model, api_kind=call.kind.value, tokens=usage.tokens, input_source=usage.input_source,
+        output_source=usage.output_source, cost_micro_usd=cost, priced=priced or not usage.tokens.total,
+        status=f.status, latency_seconds=t_end - f.t0, ttft_seconds=got.ttft_seconds if got else None,
+        streamed=bool(got and got.streamed), cut_short=bool(got and (got.cut_short or got.client_gone)),
+        error=f.error or (got.error if got else None),
+    )
+    svc.metrics.observe(rec, overhead)
+    svc.ledger.write(rec)
+
+
+__all__ = ["handle", "StreamTap"]

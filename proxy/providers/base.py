@@ -1,0 +1,179 @@
+"""What every provider adapter provides: the seam where all provider differences live.
+
+An adapter knows its upstream URL, how to set the real key, which API a path is, where usage sits
+in a body or a stream, and the provider's error body shape. Pure logic: no I/O.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from multidict import CIMultiDict, MultiDictProxy
+
+from ..config import ProviderConfig
+from ..errors import ProxyError
+from ..records import ApiKind, TokenCounts, Usage
+from .sse import SSEEvent
+
+# Where SDKs send keys: stripped from every upstream request (the adapter sets the real one).
+CLIENT_KEY_HEADERS = ("authorization", "x-api-key", "api-key", "x-goog-api-key")
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """What one request is, as far as metering cares."""
+
+    kind: ApiKind
+    path: str  # path sent upstream (after /{provider})
+    model: str | None  # from the body, or the URL (Gemini model, Azure deployment)
+    stream: bool
+
+
+def as_int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+class StreamTap:
+    """Watches a stream's events for metering; may ask to drop one event.
+
+    Taps keep raw bytes of the events that carry text, and parse them only at the end if the
+    provider never reported usage, so there is no per-chunk JSON parsing or tokenizing.
+    """
+
+    __slots__ = ("usage", "_text_events", "_keep_text", "error", "kept_bytes")
+
+    def __init__(self) -> None:
+        self.usage: Usage | None = None
+        self._text_events: list[bytes] = []
+        self._keep_text = True
+        self.kept_bytes = 0
+        self.error: str | None = None  # an error event the upstream sent mid-stream
+
+    def on_event(self, ev: SSEEvent) -> bytes | None:
+        """Inspect one event; return the bytes to relay (usually `ev.raw`), or None to drop it."""
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """The stream ended (cleanly or not): work out anything deferred."""
+
+    @property
+    def output_final(self) -> bool:
+        """True once the provider has reported the final output count."""
+        return not self._keep_text
+
+    def keep_text(self, data: bytes) -> None:
+        if self._keep_text:
+            self._text_events.append(data)
+            self.kept_bytes += len(data)
+
+    def output_usage_final(self) -> None:
+        """Usage is known for good: stop holding text for a fallback count."""
+        self._keep_text = False
+        self._text_events.clear()
+
+    def output_text(self) -> str:
+        parts: list[str] = []
+        for data in self._text_events:
+            try:
+                obj = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                continue
+            self.collect_text(obj, parts)
+        return "".join(parts)
+
+    def collect_text(self, obj: Any, out: list[str]) -> None:
+        raise NotImplementedError
+
+
+class Adapter:
+    """Base class; one instance per configured provider."""
+
+    family = "openai"  # error body shape: openai | anthropic | gemini
+
+    def __init__(self, name: str, config: ProviderConfig) -> None:
+        self.name = name
+        self.config = config
+        self.base_url = config.base_url
+
+    # -- request side -------------------------------------------------
+    def classify(self, method: str, path: str, query: MultiDictProxy[str]) -> tuple[ApiKind, str | None, bool]:
+        """(kind, model named by the URL, stream named by the URL) for an upstream path."""
+        raise NotImplementedError
+
+    def call(self, method: str, path: str, query: MultiDictProxy[str], body: Mapping[str, Any] | None) -> Call:
+        kind, url_model, url_stream = self.classify(method, path, query)
+        model = url_model
+        if model is None and body is not None:
+            m = body.get("model")
+            model = m if isinstance(m, str) else None
+        stream = url_stream or bool(body is not None and body.get("stream") is True)
+        return Call(kind, path, model, stream)
+
+    def pricing_model(self, model: str | None) -> str:
+        """The name prices and encodings are looked up by (Azure maps deployments)."""
+        return model or "unknown"
+
+    def prepare_body(self, call: Call, body: dict[str, Any]) -> tuple[bool, bool]:
+        """Adjust the body before forwarding. Returns (changed, strip_usage_chunk)."""
+        return False, False
+
+    def upstream_query(self, query: MultiDictProxy[str]) -> list[tuple[str, str]]:
+        return [(k, v) for k, v in query.items() if k != "key"]
+
+    def set_auth(self, headers: CIMultiDict[str]) -> None:
+        raise NotImplementedError
+
+    def max_output_tokens(self, call: Call, body: Mapping[str, Any]) -> int | None:
+        raise NotImplementedError
+
+    def set_max_output_tokens(self, call: Call, body: dict[str, Any], value: int) -> None:
+        raise NotImplementedError
+
+    # -- response side ------------------------------------------------
+    def usage_from_body(self, call: Call, obj: Any) -> Usage | None:
+        raise NotImplementedError
+
+    def new_tap(self, call: Call, strip_usage: bool) -> StreamTap:
+        raise NotImplementedError
+
+    def text_from_body(self, call: Call, obj: Any) -> str:
+        """Generated text of a non-streamed answer, for a fallback count when usage is missing."""
+        raise NotImplementedError
+
+    def error_body(self, err: ProxyError) -> bytes:
+        raise NotImplementedError
+
+    def stream_error_event(self, call: Call, err: ProxyError) -> bytes:
+        """A final event telling a streaming client why its stream ended early."""
+        raise NotImplementedError
+
+    def choices(self, call: Call, body: Mapping[str, Any]) -> int:
+        """How many completions the request asks for (output is reserved for each)."""
+        return 1
+
+
+def openai_usage(u: Mapping[str, Any] | None, model: str | None) -> Usage | None:
+    """OpenAI-style usage objects: chat/completions/embeddings and the Responses API."""
+    if not isinstance(u, Mapping):
+        return None
+    if "input_tokens" in u:  # Responses API
+        prompt = as_int(u.get("input_tokens"))
+        output = as_int(u.get("output_tokens"))
+        pdet = u.get("input_tokens_details") or {}
+        cdet = u.get("output_tokens_details") or {}
+    else:
+        prompt = as_int(u.get("prompt_tokens"))
+        output = as_int(u.get("completion_tokens"))
+        pdet = u.get("prompt_tokens_details") or {}
+        cdet = u.get("completion_tokens_details") or {}
+    if not isinstance(pdet, Mapping):
+        pdet = {}
+    if not isinstance(cdet, Mapping):
+        cdet = {}
+    cached = as_int(pdet.get("cached_tokens")) or as_int(u.get("prompt_cache_hit_tokens"))  # DeepSeek
+    cached = min(cached, prompt)
+    reasoning = min(as_int(cdet.get("reasoning_tokens")), output)
+    tokens = TokenCounts(input=prompt - cached, cached_input=cached, output=output, reasoning=reasoning)
+    return Usage(tokens, model=model)

@@ -1,0 +1,425 @@
+"""The embedded quota store (one process, no server), and the counter arithmetic it shares with the
+Redis store: which counters an admission touches, how a decision and its limit states are derived.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta, tzinfo
+from enum import StrEnum
+
+from proxy.quota.store import (
+    MONEY_LIMITS,
+    Admission,
+    Decision,
+    Limit,
+    LimitName,
+    LimitState,
+    Reservation,
+)
+
+WINDOW_SECONDS = 60
+# A window's one-second buckets outlive the window by a little so a late reader still sees them.
+WINDOW_TTL_SECONDS = WINDOW_SECONDS + 2
+# Periods are named in the caller's zone, so a day key must outlive the UTC day by up to a day.
+DAY_TTL_SECONDS = 3 * 86400
+MONTH_TTL_SECONDS = 62 * 86400
+# The unsettled-reservation record must outlive every counter settle may still adjust.
+RECORD_TTL_SECONDS = 2 * 86400
+# A full concurrency limit frees when some request settles, which cannot be predicted.
+LEASE_RETRY_SECONDS = 1.0
+
+
+class CounterKind(StrEnum):
+    WINDOW = "w"  # one-second buckets summed over the last 60 s
+    PERIOD = "p"  # one integer per calendar period
+    LEASES = "l"  # request_id -> lease expiry
+
+
+class Measure(StrEnum):
+    REQUESTS = "requests"
+    TOKENS = "tokens"
+    MONEY = "money"
+    SLOTS = "slots"
+
+
+@dataclass(frozen=True, slots=True)
+class Counter:
+    """One distinct counter an admission touches (limits naming the same one share it)."""
+
+    kind: CounterKind
+    measure: Measure
+    key: str  # unprefixed; starts with the admission's hash tag, e.g. "{team-a}:user:al:tpm"
+    amount: int  # what one admission adds
+    ttl_seconds: int
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    counters: tuple[Counter, ...]
+    slots: tuple[int, ...]  # for each limit, the index of its counter
+
+
+@dataclass(frozen=True, slots=True)
+class CounterView:
+    """A counter as it stood before the admission."""
+
+    used: int
+    oldest: int | None = None  # WINDOW: the oldest bucket still in the window
+
+
+def hash_tag(tag: str) -> str:
+    """`{tag}` with braces escaped, since Redis hashes only up to the first `}`."""
+    escaped = tag.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
+    return "{" + escaped + "}"
+
+
+def counter_for(limit: Limit, tag: str, tokens: int, cost_micro_usd: int, day: str, month: str,
+                lease_seconds: float) -> Counter:
+    base = f"{hash_tag(tag)}:{limit.scope}:{limit.name.value}"
+    name = limit.name
+    if name is LimitName.RPM:
+        return Counter(CounterKind.WINDOW, Measure.REQUESTS, base, 1, WINDOW_TTL_SECONDS)
+    if name is LimitName.TPM:
+        return Counter(CounterKind.WINDOW, Measure.TOKENS, base, tokens, WINDOW_TTL_SECONDS)
+    if name is LimitName.MAX_CONCURRENT:
+        return Counter(CounterKind.LEASES, Measure.SLOTS, base, 1, math.ceil(lease_seconds) + 1)
+    if name is LimitName.USD_PER_MONTH:
+        return Counter(CounterKind.PERIOD, Measure.MONEY, f"{base}:{month}", cost_micro_usd,
+                       MONTH_TTL_SECONDS)
+    measure = Measure.MONEY if name in MONEY_LIMITS else Measure.TOKENS
+    amount = cost_micro_usd if name in MONEY_LIMITS else tokens
+    return Counter(CounterKind.PERIOD, measure, f"{base}:{day}", amount, DAY_TTL_SECONDS)
+
+
+def plan(limits: tuple[Limit, ...], tag: str, tokens: int, cost_micro_usd: int, day: str,
+         month: str, lease_seconds: float = 600.0) -> Plan:
+    counters: list[Counter] = []
+    index: dict[str, int] = {}
+    slots: list[int] = []
+    for limit in limits:
+        counter = counter_for(limit, tag, tokens, cost_micro_usd, day, month, lease_seconds)
+        if counter.key not in index:
+            index[counter.key] = len(counters)
+            counters.append(counter)
+        slots.append(index[counter.key])
+    return Plan(tuple(counters), tuple(slots))
+
+
+def admission_plan(admission: Admission) -> Plan:
+    if admission.tokens < 0 or admission.cost_micro_usd < 0:
+        raise ValueError("an admission cannot reserve negative tokens or cost")
+    return plan(admission.limits, admission.tag, admission.tokens, admission.cost_micro_usd,
+                admission.day, admission.month, admission.lease_seconds)
+
+
+def reservation_plan(reservation: Reservation) -> Plan:
+    return plan(reservation.limits, reservation.tag, reservation.tokens,
+                reservation.cost_micro_usd, reservation.day, reservation.month)
+
+
+def record_key(tag: str, request_id: str) -> str:
+    return f"{hash_tag(tag)}:reservation:{request_id}"
+
+
+def settle_delta(counter: Counter, reservation: Reservation, tokens: int,
+                 cost_micro_usd: int) -> int:
+    """What settling adds to a counter; requests are not refunded (the request happened)."""
+    if counter.measure is Measure.TOKENS:
+        return max(0, tokens) - reservation.tokens
+    if counter.measure is Measure.MONEY:
+        return max(0, cost_micro_usd) - reservation.cost_micro_usd
+    return 0
+
+
+def window_floor(now: float) -> int:
+    """The oldest bucket second still inside the window at `now`."""
+    return math.floor(now) - WINDOW_SECONDS + 1
+
+
+def window_view(buckets: Mapping[int, int], now: float) -> CounterView:
+    """Sum the buckets in the window. Buckets ahead of `now` count: another replica's clock ran
+    a little ahead, and its usage is real."""
+    low = window_floor(now)
+    live = [(second, n) for second, n in buckets.items() if second >= low and n > 0]
+    return CounterView(sum(n for _, n in live), min((s for s, _ in live), default=None))
+
+
+def window_free_at(buckets: Mapping[int, int], now: float, need: int) -> int | None:
+    """The bucket whose expiry frees at least `need` units, or None if the window cannot."""
+    freed = 0
+    for second in sorted(s for s in buckets if s >= window_floor(now)):
+        freed += buckets[second]
+        if freed >= need:
+            return second
+    return None
+
+
+def fails(plan_: Plan, limits: tuple[Limit, ...], views: tuple[CounterView, ...]) -> list[bool]:
+    """Per limit: would adding this admission's amount take its counter over the value?"""
+    out = []
+    for limit, slot in zip(limits, plan_.slots, strict=True):
+        counter = plan_.counters[slot]
+        out.append(views[slot].used + counter.amount > limit.value)
+    return out
+
+
+def period_end(period: str, tz: tzinfo) -> float:
+    """Unix time a `YYYY-MM-DD` day or `YYYY-MM` month named in zone `tz` ends."""
+    if len(period) == 7:
+        year, month = (int(p) for p in period.split("-"))
+        start = date(year + month // 12, month % 12 + 1, 1)
+    else:
+        start = date.fromisoformat(period) + timedelta(days=1)
+    return datetime(start.year, start.month, start.day, tzinfo=tz).timestamp()
+
+
+@dataclass(frozen=True, slots=True)
+class Periods:
+    """When the admission's day and month end, computed once before touching the store."""
+
+    day_end: float
+    month_end: float
+
+    @classmethod
+    def of(cls, day: str, month: str, tz: tzinfo) -> Periods:
+        return cls(period_end(day, tz), period_end(month, tz))
+
+    def end(self, name: LimitName) -> float:
+        return self.month_end if name is LimitName.USD_PER_MONTH else self.day_end
+
+
+def reset_seconds(limit: Limit, counter: Counter, used: int, oldest: int | None, now: float,
+                  periods: Periods) -> float:
+    if counter.kind is CounterKind.WINDOW:
+        return 0.0 if used <= 0 or oldest is None else max(0.0, oldest + WINDOW_SECONDS - now)
+    if counter.kind is CounterKind.PERIOD:
+        return max(0.0, periods.end(limit.name) - now)
+    return 0.0 if used < limit.value else LEASE_RETRY_SECONDS
+
+
+def retry_after(limit: Limit, counter: Counter, free_at: int | None, now: float,
+                periods: Periods) -> float:
+    if counter.kind is CounterKind.WINDOW:
+        # None: this request alone exceeds the limit; a window is the honest wait.
+        if free_at is None:
+            return float(WINDOW_SECONDS)
+        return max(0.0, free_at + WINDOW_SECONDS - now)
+    if counter.kind is CounterKind.PERIOD:
+        return max(0.0, periods.end(limit.name) - now)
+    return LEASE_RETRY_SECONDS
+
+
+def limit_states(limits: tuple[Limit, ...], plan_: Plan, views: tuple[CounterView, ...],
+                 admitted: bool, now: float, periods: Periods) -> tuple[LimitState, ...]:
+    states = []
+    second = math.floor(now)
+    for limit, slot in zip(limits, plan_.slots, strict=True):
+        counter, view = plan_.counters[slot], views[slot]
+        used, oldest = view.used, view.oldest
+        if admitted and counter.amount > 0:
+            used += counter.amount
+            oldest = second if oldest is None else min(oldest, second)
+        states.append(LimitState(limit, used, max(0, limit.value - used),
+                                 reset_seconds(limit, counter, used, oldest, now, periods)))
+    return tuple(states)
+
+
+def decide(admission: Admission, plan_: Plan, views: tuple[CounterView, ...],
+           free_at: tuple[int | None, ...], periods: Periods) -> Decision:
+    """The decision the store's counters imply; `free_at` is per limit (WINDOW ones that fail)."""
+    failing = fails(plan_, admission.limits, views)
+    denied = [lim for lim, f in zip(admission.limits, failing, strict=True) if f and lim.enforce]
+    shadow = tuple(lim for lim, f in zip(admission.limits, failing, strict=True)
+                   if f and not lim.enforce)
+    admitted = not denied
+    states = limit_states(admission.limits, plan_, views, admitted, admission.now, periods)
+    if not admitted:
+        # The request can pass only once every refusing limit has room: wait for the slowest.
+        wait = max(
+            retry_after(lim, plan_.counters[slot], at, admission.now, periods)
+            for lim, slot, f, at in zip(admission.limits, plan_.slots, failing, free_at,
+                                        strict=True)
+            if f and lim.enforce
+        )
+        return Decision(False, None, states, denied[0], wait, shadow)
+    return Decision(True, reservation_of(admission), states, None, 0.0, shadow)
+
+
+def replayed_decision(admission: Admission, plan_: Plan, views: tuple[CounterView, ...],
+                      periods: Periods) -> Decision:
+    """The answer to an admission already reserved under its request_id (a retried call):
+    admitted, counted once; `views` already include its reservation."""
+    states = limit_states(admission.limits, plan_, views, False, admission.now, periods)
+    shadow = tuple(s.limit for s in states if not s.limit.enforce and s.used > s.limit.value)
+    return Decision(True, reservation_of(admission), states, None, 0.0, shadow)
+
+
+def reservation_of(admission: Admission) -> Reservation:
+    return Reservation(admission.request_id, admission.tag, admission.limits, admission.tokens,
+                       admission.cost_micro_usd, admission.now, admission.day, admission.month)
+
+
+class MemoryStore:
+    """The quota store in this process's memory: exact, but shared by nobody else.
+
+    Atomic without locks because admit and settle never await between checking and writing.
+    Expiry runs on the callers' `now`, the same clock the windows use.
+    """
+
+    def __init__(self, *, tz: tzinfo = UTC, sweep_interval_seconds: float = 60.0) -> None:
+        self._tz = tz
+        self._windows: dict[str, dict[int, int]] = {}
+        self._periods: dict[str, int] = {}
+        self._leases: dict[str, dict[str, float]] = {}
+        self._records: dict[str, float] = {}  # record key -> expiry
+        self._expires: dict[str, float] = {}  # counter key -> expiry
+        self._sweep_interval = sweep_interval_seconds
+        self._next_sweep = -math.inf
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def ping(self) -> bool:
+        return True
+
+    async def admit(self, admission: Admission) -> Decision:
+        periods = Periods.of(admission.day, admission.month, self._tz)
+        now = admission.now
+        self._sweep(now)
+        plan_ = admission_plan(admission)
+        views = tuple(self._view(c, now) for c in plan_.counters)
+        record = record_key(admission.tag, admission.request_id)
+        if self._records.get(record, -math.inf) > now:
+            return replayed_decision(admission, plan_, views, periods)
+        failing = fails(plan_, admission.limits, views)
+        free_at = tuple(
+            self._free_at(plan_.counters[slot], views[slot], lim, now) if f else None
+            for lim, slot, f in zip(admission.limits, plan_.slots, failing, strict=True)
+        )
+        decision = decide(admission, plan_, views, free_at, periods)
+        if decision.admitted:
+            for counter in plan_.counters:
+                self._add(counter, admission)
+            self._records[record] = now + max(RECORD_TTL_SECONDS, admission.lease_seconds * 2)
+        return decision
+
+    async def settle(self, reservation: Reservation, tokens: int, cost_micro_usd: int,
+                     now: float) -> bool:
+        key = record_key(reservation.tag, reservation.request_id)
+        expiry = self._records.pop(key, None)
+        if expiry is None or expiry <= now:
+            return False
+        for counter in reservation_plan(reservation).counters:
+            delta = settle_delta(counter, reservation, tokens, cost_micro_usd)
+            self._adjust(counter, reservation, delta, now)
+        return True
+
+    async def usage(self, limits: tuple[Limit, ...], tag: str, now: float, day: str,
+                    month: str) -> tuple[LimitState, ...]:
+        periods = Periods.of(day, month, self._tz)
+        plan_ = plan(limits, tag, 0, 0, day, month)
+        views = tuple(self._view(c, now, write=False) for c in plan_.counters)
+        return limit_states(limits, plan_, views, False, now, periods)
+
+    def _live(self, key: str, now: float) -> bool:
+        expiry = self._expires.get(key)
+        if expiry is not None and expiry <= now:
+            self._drop(key)
+            return False
+        return True
+
+    def _drop(self, key: str) -> None:
+        self._expires.pop(key, None)
+        self._windows.pop(key, None)
+        self._periods.pop(key, None)
+        self._leases.pop(key, None)
+
+    def _sweep(self, now: float) -> None:
+        """Drop expired counters and records now and then, so memory stays bounded."""
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + self._sweep_interval
+        for key in [k for k, t in self._expires.items() if t <= now]:
+            self._drop(key)
+        for key in [k for k, t in self._records.items() if t <= now]:
+            del self._records[key]
+
+    def _view(self, counter: Counter, now: float, *, write: bool = True) -> CounterView:
+        if not self._live(counter.key, now):
+            return CounterView(0)
+        if counter.kind is CounterKind.WINDOW:
+            buckets = self._windows.get(counter.key, {})
+            if write:
+                low = window_floor(now)
+                for second in [s for s in buckets if s < low]:
+                    del buckets[second]
+            return window_view(buckets, now)
+        if counter.kind is CounterKind.PERIOD:
+            return CounterView(self._periods.get(counter.key, 0))
+        leases = self._leases.get(counter.key, {})
+        if write:
+            for request_id in [r for r, t in leases.items() if t <= now]:
+                del leases[request_id]
+        return CounterView(sum(1 for t in leases.values() if t > now))
+
+    def _free_at(self, counter: Counter, view: CounterView, limit: Limit,
+                 now: float) -> int | None:
+        if counter.kind is not CounterKind.WINDOW:
+            return None
+        if counter.amount > limit.value:
+            return None
+        need = view.used + counter.amount - limit.value
+        return window_free_at(self._windows.get(counter.key, {}), now, need)
+
+    def _touch(self, key: str, expiry: float) -> None:
+        self._expires[key] = max(self._expires.get(key, -math.inf), expiry)
+
+    def _add(self, counter: Counter, admission: Admission) -> None:
+        now, key = admission.now, counter.key
+        if counter.kind is CounterKind.LEASES:
+            expiry = now + admission.lease_seconds
+            self._leases.setdefault(key, {})[admission.request_id] = expiry
+            self._touch(key, expiry + 1)
+            return
+        if counter.amount == 0:
+            return
+        if counter.kind is CounterKind.WINDOW:
+            buckets = self._windows.setdefault(key, {})
+            second = math.floor(now)
+            buckets[second] = buckets.get(second, 0) + counter.amount
+        else:
+            self._periods[key] = self._periods.get(key, 0) + counter.amount
+        self._expires[key] = now + counter.ttl_seconds
+
+    def _adjust(self, counter: Counter, reservation: Reservation, delta: int, now: float) -> None:
+        key = counter.key
+        if counter.kind is CounterKind.LEASES:
+            if self._live(key, now):
+                self._leases.get(key, {}).pop(reservation.request_id, None)
+            return
+        if delta == 0:
+            return
+        live = self._live(key, now)
+        if counter.kind is CounterKind.WINDOW:
+            second = math.floor(reservation.time)
+            if second < window_floor(now):
+                return  # already out of the window: nothing left to correct
+            buckets = self._windows.setdefault(key, {})
+            value = max(0, buckets.get(second, 0) + delta)
+            if value:
+                buckets[second] = value
+            else:
+                buckets.pop(second, None)
+            if not live or key not in self._expires:
+                self._expires[key] = now + counter.ttl_seconds
+            return
+        if not live or key not in self._periods:
+            if delta < 0:
+                return  # the period's counter is gone: nothing to refund
+            self._expires[key] = now + counter.ttl_seconds
+        self._periods[key] = max(0, self._periods.get(key, 0) + delta)

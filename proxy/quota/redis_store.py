@@ -1,0 +1,252 @@
+"""The quota store shared by many proxy replicas: one Redis or Redis Cluster, one Lua script call
+per admit and per settle, every redis error re-raised as `StoreError`.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+from collections.abc import Awaitable
+from datetime import UTC, tzinfo
+from importlib import resources
+from typing import Any, cast
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.exceptions import NoScriptError, RedisError
+
+from proxy.errors import StoreError
+from proxy.quota.memory import (
+    RECORD_TTL_SECONDS,
+    Counter,
+    CounterKind,
+    CounterView,
+    Periods,
+    Plan,
+    admission_plan,
+    decide,
+    limit_states,
+    plan,
+    record_key,
+    replayed_decision,
+    reservation_plan,
+    settle_delta,
+    window_view,
+)
+from proxy.quota.store import Admission, Decision, Limit, LimitState, Reservation
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+class _Script:
+    """A Lua file, its SHA1 computed here so EVALSHA works before SCRIPT LOAD ever answered."""
+
+    def __init__(self, name: str) -> None:
+        self.source = resources.files("proxy.quota").joinpath(f"scripts/{name}").read_text("utf-8")
+        self.sha = hashlib.sha1(self.source.encode("utf-8")).hexdigest()
+
+
+def split_cluster_flag(url: str) -> tuple[str, bool | None]:
+    """Take the `cluster=true|false` query parameter (ours, unknown to redis-py) off a URL."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    flag: bool | None = None
+    rest = []
+    for name, value in query:
+        if name != "cluster":
+            rest.append((name, value))
+        elif value.lower() in _TRUE:
+            flag = True
+        elif value.lower() in _FALSE:
+            flag = False
+        else:
+            raise ValueError(f"store url: cluster={value!r} is not true or false")
+    return urlunsplit(parts._replace(query=urlencode(rest))), flag
+
+
+def _fmt(x: float) -> str:
+    return repr(float(x))
+
+
+class RedisStore:
+    """Quota counters in Redis (`redis://`, `rediss://`) or Redis Cluster.
+
+    `cluster`: True/False, or None to take `?cluster=true|false` from the URL, else to ask the
+    server (`INFO cluster`) when first connecting. Every key starts with `prefix` and then the
+    admission's hash tag `{tag}`, so one script's keys share a cluster slot. The scripts run on
+    the proxy's clock (`now` in each call), not Redis's. Socket timeouts are short so a dead Redis
+    fails a request in well under a second or two instead of hanging it. If Redis is down at
+    `start`, it raises `StoreError`; later calls try to connect again.
+    """
+
+    def __init__(self, url: str, cluster: bool | None = None, prefix: str = "mp:", *,
+                 timeout_seconds: float = 0.5, tz: tzinfo = UTC) -> None:
+        if "{" in prefix or "}" in prefix:
+            raise ValueError("store prefix must not contain braces (they would move the hash tag)")
+        self._url, url_flag = split_cluster_flag(url)
+        self._cluster = cluster if cluster is not None else url_flag
+        self._prefix = prefix
+        self._timeout = timeout_seconds
+        self._tz = tz
+        self._client: Redis | RedisCluster | None = None
+        self._connecting = asyncio.Lock()  # a burst before the first connect opens one client
+        self._admit = _Script("admit.lua")
+        self._settle = _Script("settle.lua")
+
+    async def start(self) -> None:
+        await self._connect()
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                await client.aclose()
+            except (RedisError, OSError) as exc:
+                raise StoreError(f"closing redis: {exc}") from exc
+
+    async def ping(self) -> bool:
+        try:
+            client = await self._connect()
+            return bool(await _awaited(client.ping()))
+        except (StoreError, RedisError, OSError):
+            return False
+
+    async def admit(self, admission: Admission) -> Decision:
+        periods = Periods.of(admission.day, admission.month, self._tz)
+        plan_ = admission_plan(admission)
+        keys = [self._key(record_key(admission.tag, admission.request_id))]
+        keys += [self._key(c.key) for c in plan_.counters]
+        record_ttl = max(RECORD_TTL_SECONDS, math.ceil(admission.lease_seconds * 2))
+        args: list[str | int] = [
+            _fmt(admission.now), admission.request_id, record_ttl,
+            _fmt(admission.now + admission.lease_seconds),
+            len(plan_.counters), len(admission.limits),
+        ]
+        for counter in plan_.counters:
+            args += [counter.kind.value, counter.amount, counter.ttl_seconds]
+        for limit, slot in zip(admission.limits, plan_.slots, strict=True):
+            args += [slot + 1, limit.value, int(limit.enforce)]
+        reply = await self._run(self._admit, keys, args)
+        try:
+            admitted_flag, used, oldest, free_at, replayed = reply
+            views = tuple(CounterView(int(u), None if int(o) < 0 else int(o))
+                          for u, o in zip(used, oldest, strict=True))
+            frees = tuple(None if int(f) < 0 else int(f) for f in free_at)
+        except (TypeError, ValueError) as exc:
+            raise StoreError(f"admit.lua answered {reply!r}") from exc
+        if int(replayed):
+            return replayed_decision(admission, plan_, views, periods)
+        decision = decide(admission, plan_, views, frees, periods)
+        if decision.admitted != bool(int(admitted_flag)):
+            raise StoreError("admit.lua and the client disagree on the decision")
+        return decision
+
+    async def settle(self, reservation: Reservation, tokens: int, cost_micro_usd: int,
+                     now: float) -> bool:
+        plan_ = reservation_plan(reservation)
+        keys = [self._key(record_key(reservation.tag, reservation.request_id))]
+        keys += [self._key(c.key) for c in plan_.counters]
+        bucket = math.floor(reservation.time)
+        args: list[str | int] = [_fmt(now), reservation.request_id, len(plan_.counters)]
+        for counter in plan_.counters:
+            delta = settle_delta(counter, reservation, tokens, cost_micro_usd)
+            args += [counter.kind.value, delta, bucket, counter.ttl_seconds]
+        return bool(int(await self._run(self._settle, keys, args)))
+
+    async def usage(self, limits: tuple[Limit, ...], tag: str, now: float, day: str,
+                    month: str) -> tuple[LimitState, ...]:
+        periods = Periods.of(day, month, self._tz)
+        plan_ = plan(limits, tag, 0, 0, day, month)
+        views = await self._read(plan_, now)
+        return limit_states(limits, plan_, views, False, now, periods)
+
+    def _key(self, key: str) -> str:
+        return self._prefix + key
+
+    async def _read(self, plan_: Plan, now: float) -> tuple[CounterView, ...]:
+        """Read-only, so a plain pipeline (one trip per node) serves the admin API."""
+        client = await self._connect()
+        try:
+            pipe = client.pipeline(transaction=False)
+            for counter in plan_.counters:
+                key = self._key(counter.key)
+                if counter.kind is CounterKind.WINDOW:
+                    pipe.hgetall(key)
+                elif counter.kind is CounterKind.PERIOD:
+                    pipe.get(key)
+                else:
+                    pipe.zcount(key, f"({_fmt(now)}", "+inf")
+            replies = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis usage read failed: {exc}") from exc
+        return tuple(_view(c, r, now) for c, r in zip(plan_.counters, replies, strict=True))
+
+    async def _run(self, script: _Script, keys: list[str], args: list[str | int]) -> Any:
+        client = await self._connect()
+        try:
+            try:
+                return await _awaited(client.evalsha(script.sha, len(keys), *keys, *args))
+            except NoScriptError:
+                # Redis restarted or failed over and lost its script cache: EVAL reloads it.
+                return await _awaited(client.eval(script.source, len(keys), *keys, *args))
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis script failed: {exc}") from exc
+
+    async def _connect(self) -> Redis | RedisCluster:
+        if self._client is not None:
+            return self._client
+        async with self._connecting:
+            if self._client is None:
+                self._client = await self._open()
+            return self._client
+
+    async def _open(self) -> Redis | RedisCluster:
+        options: dict[str, Any] = {
+            "socket_connect_timeout": self._timeout,
+            "socket_timeout": self._timeout,
+        }
+        try:
+            if self._cluster is None:
+                self._cluster = await self._detect_cluster(options)
+            client: Redis | RedisCluster
+            if self._cluster:
+                client = RedisCluster.from_url(
+                    self._url, retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2), **options)
+                await client.initialize()
+            else:
+                # One quick retry heals a pooled connection Redis closed; no backoff, no hang.
+                # Retrying a script is safe: admit.lua and settle.lua are idempotent.
+                client = Redis.from_url(self._url, retry=Retry(NoBackoff(), 1), **options)
+            try:
+                await _awaited(client.script_load(self._admit.source))
+                await _awaited(client.script_load(self._settle.source))
+            except BaseException:
+                await client.aclose()
+                raise
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"cannot connect to redis: {exc}") from exc
+        return client
+
+    async def _detect_cluster(self, options: dict[str, Any]) -> bool:
+        probe = Redis.from_url(self._url, retry=Retry(NoBackoff(), 0), **options)
+        try:
+            info = await probe.info("cluster")
+        finally:
+            await probe.aclose()
+        return bool(int(info.get("cluster_enabled", 0)))
+
+
+def _awaited(reply: Awaitable[Any] | Any) -> Awaitable[Any]:
+    """redis-py types replies as `Awaitable[T] | T` for sync and async clients alike."""
+    return cast(Awaitable[Any], reply)
+
+
+def _view(counter: Counter, reply: Any, now: float) -> CounterView:
+    if counter.kind is CounterKind.WINDOW:
+        buckets = {int(s): int(v) for s, v in (reply or {}).items()}
+        return window_view(buckets, now)
+    return CounterView(int(reply or 0))

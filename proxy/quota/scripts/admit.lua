@@ -1,0 +1,115 @@
+--[[ admit.lua: check every limit of one admission and, only if all enforced ones pass, reserve
+the request on every counter (all-or-nothing, atomic because a script runs alone).
+
+Time is ARGV `now` (the proxy's clock), never redis TIME: windows, lease expiries and tests all run
+on the caller's clock. Key TTLs (housekeeping only) run on Redis's own clock.
+
+KEYS[1]       the reservation record (settle deletes it, which makes settling idempotent)
+KEYS[2..n+1]  the n distinct counters, all carrying the admission's hash tag
+ARGV[1]  now           unix seconds, may be fractional
+ARGV[2]  request_id    the lease member
+ARGV[3]  record_ttl    seconds
+ARGV[4]  lease_expiry  unix seconds (now + lease_seconds)
+ARGV[5]  n             counters
+ARGV[6]  m             limits
+then n triples, one per counter:  kind ("w" window | "p" period | "l" leases), amount, ttl seconds
+then m triples, one per limit:    counter index (1-based), value, enforce ("1" | "0")
+
+Counters: "w" a hash of one-second buckets (field = unix second, value = amount) summed over the
+60 buckets [floor(now)-59, ...]; "p" a plain integer; "l" a sorted set request_id -> expiry whose
+expired members are dropped here.
+
+Idempotent per request_id: if the reservation record already exists, this is a client retry of
+an admission that went through (a reply lost to a timeout), so nothing is checked or written
+again and `replayed` is 1.
+
+Returns {admitted (1|0), used, oldest, free_at, replayed (1|0)}:
+  used[i]     counter i before this admission (after it, when replayed)
+  oldest[i]   "w": the oldest bucket second in the window, -1 if none; else -1
+  free_at[j]  for a failing "w" limit j: the bucket second whose expiry frees enough room for
+              this request, -1 if it never can; else -1
+]]
+
+local now = tonumber(ARGV[1])
+local second = math.floor(now)
+local low = second - 59
+local n = tonumber(ARGV[5])
+local m = tonumber(ARGV[6])
+local sec_field = string.format('%d', second)
+
+local kinds, amounts, ttls = {}, {}, {}
+local used, oldest, buckets = {}, {}, {}
+for i = 1, n do
+  local a = 6 + (i - 1) * 3
+  kinds[i], amounts[i], ttls[i] = ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3])
+  local key = KEYS[i + 1]
+  local total, first = 0, -1
+  if kinds[i] == 'w' then
+    local flat = redis.call('HGETALL', key)
+    local stale, live = {}, {}
+    for f = 1, #flat, 2 do
+      local s, v = tonumber(flat[f]), tonumber(flat[f + 1])
+      if s < low then
+        stale[#stale + 1] = flat[f]
+      elseif v > 0 then
+        total = total + v
+        live[#live + 1] = {s, v}
+        if first < 0 or s < first then first = s end
+      end
+    end
+    if #stale > 0 then redis.call('HDEL', key, unpack(stale)) end
+    table.sort(live, function(x, y) return x[1] < y[1] end)
+    buckets[i] = live
+  elseif kinds[i] == 'p' then
+    total = tonumber(redis.call('GET', key) or '0')
+  else
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+    total = redis.call('ZCARD', key)
+  end
+  used[i], oldest[i] = total, first
+end
+
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  local none = {}
+  for j = 1, m do none[j] = -1 end
+  return {1, used, oldest, none, 1}
+end
+
+local admitted = 1
+local free_at = {}
+for j = 1, m do
+  local a = 6 + n * 3 + (j - 1) * 3
+  local i, value, enforce = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), ARGV[a + 3]
+  local amount = tonumber(amounts[i])
+  free_at[j] = -1
+  if used[i] + amount > value then
+    if enforce == '1' then admitted = 0 end
+    if kinds[i] == 'w' and amount <= value then
+      local need, freed = used[i] + amount - value, 0
+      for _, b in ipairs(buckets[i]) do
+        freed = freed + b[2]
+        if freed >= need then free_at[j] = b[1]; break end
+      end
+    end
+  end
+end
+
+if admitted == 1 then
+  for i = 1, n do
+    local key, amount = KEYS[i + 1], amounts[i]
+    if kinds[i] == 'l' then
+      redis.call('ZADD', key, ARGV[4], ARGV[2])
+      if redis.call('TTL', key) < ttls[i] then redis.call('EXPIRE', key, ttls[i]) end
+    elseif tonumber(amount) ~= 0 then
+      if kinds[i] == 'w' then
+        redis.call('HINCRBY', key, sec_field, amount)
+      else
+        redis.call('INCRBY', key, amount)
+      end
+      redis.call('EXPIRE', key, ttls[i])
+    end
+  end
+  redis.call('SET', KEYS[1], '1', 'EX', ARGV[3])
+end
+
+return {admitted, used, oldest, free_at, 0}

@@ -1,0 +1,98 @@
+"""Value types that cross modules: who is calling, what was counted, what it cost."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class CountSource(StrEnum):
+    """Where a token count came from, most trustworthy first."""
+
+    PROVIDER = "provider"
+    TOKENIZER = "tokenizer"
+    ESTIMATE = "estimate"
+
+
+class ApiKind(StrEnum):
+    CHAT = "chat"
+    COMPLETIONS = "completions"
+    EMBEDDINGS = "embeddings"
+    RESPONSES = "responses"
+    MESSAGES = "messages"
+    COUNT_TOKENS = "count_tokens"
+    GENERATE = "generate"
+    OTHER = "other"
+
+
+@dataclass(frozen=True, slots=True)
+class Subject:
+    """Who a request is metered and limited as."""
+
+    user: str
+    team: str | None
+    plan: str
+    key_id: str  # short, non-secret id of the virtual key (never the key itself)
+    trusted: bool = False  # may name an end user with x-meterproxy-user
+
+
+@dataclass(frozen=True, slots=True)
+class TokenCounts:
+    """Tokens by normalized type. `reasoning` is a part of `output`, never added again."""
+
+    input: int = 0  # billed at the full input rate (not read from or written to a cache)
+    cached_input: int = 0
+    cache_write: int = 0
+    output: int = 0
+    reasoning: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.input + self.cached_input + self.cache_write + self.output
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "input": self.input,
+            "cached_input": self.cached_input,
+            "cache_write": self.cache_write,
+            "output": self.output,
+            "reasoning": self.reasoning,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """What a provider (or our tokenizer) says a call consumed."""
+
+    tokens: TokenCounts
+    input_source: CountSource = CountSource.PROVIDER
+    output_source: CountSource = CountSource.PROVIDER
+    model: str | None = None  # the model the provider reports (Azure: the real snapshot)
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """One finished request, handed to metrics and the ledger."""
+
+    event_id: str
+    request_id: str
+    time: float  # unix seconds at the start of the request
+    user: str
+    team: str | None
+    plan: str
+    key_id: str
+    provider: str
+    model: str
+    api_kind: str
+    tokens: TokenCounts
+    input_source: CountSource
+    output_source: CountSource
+    cost_micro_usd: int
+    priced: bool
+    status: int
+    latency_seconds: float
+    ttft_seconds: float | None
+    streamed: bool
+    cut_short: bool
+    retries: int = 0
+    error: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)

@@ -1,0 +1,164 @@
+"""Relay: pass the upstream's answer back as it comes, with a tap that sees what metering needs.
+
+Streams go through event by event (no buffering of the whole stream, back-pressure from the
+client's socket); a client that hangs up closes the upstream connection so generation stops.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiohttp
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict
+
+from .errors import ProxyError, UpstreamTimeout, UpstreamUnreachable
+from .forwarding import HOP_BY_HOP
+from .providers import Adapter, Call, StreamTap
+from .providers.sse import SSESplitter
+from .records import Usage
+
+# Upstream response headers the proxy replaces or must not copy.
+_DROP_RESPONSE = HOP_BY_HOP | frozenset({"content-length", "content-encoding", "x-request-id"})
+_MAX_JSON_STREAM_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(slots=True)
+class Relayed:
+    """What came back, for settle and record."""
+
+    status: int
+    usage: Usage | None = None
+    output_final: bool = True  # the provider's usage covers the whole output
+    text: Callable[[], str] = str
+    ttft_seconds: float | None = None
+    streamed: bool = False
+    cut_short: bool = False
+    client_gone: bool = False
+    error: str | None = None
+    upstream_done: float = 0.0  # perf_counter when the upstream's last byte came
+
+
+def response_headers(upstream: aiohttp.ClientResponse, extra: dict[str, str]) -> CIMultiDict[str]:
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.headers.items():
+        lname = name.lower()
+        if lname in _DROP_RESPONSE or lname.startswith("x-ratelimit-"):
+            continue
+        headers.add(name, value)
+    if "x-request-id" in upstream.headers:
+        headers["x-upstream-request-id"] = upstream.headers["x-request-id"]
+    headers.update(extra)
+    return headers
+
+
+def _is_json(upstream: aiohttp.ClientResponse) -> bool:
+    return "json" in upstream.headers.get("content-type", "")
+
+
+async def relay_body(
+    upstream: aiohttp.ClientResponse, adapter: Adapter, call: Call, extra: dict[str, str]
+) -> tuple[web.Response, Relayed]:
+    """A non-streamed answer: read it whole (usage is in it), forward the bytes unchanged."""
+    try:
+        data = await upstream.read()
+    except asyncio.TimeoutError:
+        raise UpstreamTimeout(f"The upstream provider {adapter.name!r} did not finish its answer in time.") from None
+    except aiohttp.ClientError as e:
+        raise UpstreamUnreachable(f"The upstream provider {adapter.name!r} broke off its answer ({type(e).__name__}).") from None
+    done = time.perf_counter()
+    out = Relayed(status=upstream.status, upstream_done=done)
+    if data and _is_json(upstream):
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            obj = None
+        if obj is not None:
+            out.usage = adapter.usage_from_body(call, obj)
+            if out.usage is None and upstream.status < 400:
+                out.output_final = False
+                out.text = lambda: adapter.text_from_body(call, obj)
+    return web.Response(body=data, status=upstream.status, headers=response_headers(upstream, extra)), out
+
+
+async def relay_stream(
+    request: web.Request,
+    upstream: aiohttp.ClientResponse,
+    adapter: Adapter,
+    call: Call,
+    strip_usage: bool,
+    extra: dict[str, str],
+    started: float,
+    overrun: Callable[[StreamTap], ProxyError | None],
+) -> tuple[web.StreamResponse, Relayed]:
+    """Relay a stream event by event. Never raises for upstream or client trouble after the 200."""
+    resp = web.StreamResponse(status=upstream.status, headers=response_headers(upstream, extra))
+    out = Relayed(status=upstream.status, streamed=True)
+    sse = "text/event-stream" in upstream.headers.get("content-type", "")
+    tap = adapter.new_tap(call, strip_usage)
+    splitter = SSESplitter()
+    raw_json: list[bytes] = []  # Gemini's non-SSE stream is one JSON array: kept to read its usage
+    raw_size = 0
+    complete = False
+    end_error: ProxyError | None = None
+    try:
+        await resp.prepare(request)
+        async for chunk in upstream.content.iter_any():
+            if out.ttft_seconds is None:
+                out.ttft_seconds = time.perf_counter() - started
+            if sse:
+                send = b"".join([b for b in map(tap.on_event, splitter.feed(chunk)) if b])
+            else:
+                send = chunk
+                if raw_size < _MAX_JSON_STREAM_BYTES:
+                    raw_json.append(chunk)
+                    raw_size += len(chunk)
+            if send:
+                await resp.write(send)
+            end_error = overrun(tap)
+            if end_error is not None:
+                break
+        else:
+            complete = True
+            rest = b"".join([b for b in map(tap.on_event, splitter.flush()) if b])
+            if rest:
+                await resp.write(rest)
+    except ConnectionError:
+        # The client hung up (writes to a closing transport raise ConnectionResetError).
+        out.client_gone = True
+    except asyncio.TimeoutError:
+        end_error = UpstreamTimeout(f"The upstream provider {adapter.name!r} went silent mid-stream.")
+    except aiohttp.ClientError as e:
+        end_error = UpstreamUnreachable(f"The upstream provider {adapter.name!r} cut the stream ({type(e).__name__}).")
+    out.upstream_done = time.perf_counter()
+    if complete:
+        upstream.release()
+    else:
+        upstream.close()  # closes the connection: the provider stops generating
+        out.cut_short = True
+    if end_error is not None and not out.client_gone:
+        out.error = end_error.code
+        try:
+            await resp.write(adapter.stream_error_event(call, end_error))
+        except ConnectionError:
+            out.client_gone = True
+    if not out.client_gone:
+        try:
+            await resp.write_eof()
+        except ConnectionError:
+            out.client_gone = True
+    tap.finish()
+    if not sse and raw_json:
+        try:
+            out.usage = adapter.usage_from_body(call, orjson.loads(b"".join(raw_json)))
+        except orjson.JSONDecodeError:
+            out.usage = None
+    else:
+        out.usage = tap.usage
+    out.output_final = tap.output_final or (complete and out.usage is not None)
+    out.error = out.error or tap.error
+    out.text = tap.output_text
+    return resp, out

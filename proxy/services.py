@@ -1,0 +1,86 @@
+"""The long-lived things one request uses, bundled so a reload can swap them in one assignment.
+
+Everything here is built by `app.py`; handlers read it from the app under typed keys.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from datetime import date, datetime, tzinfo
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from .auth import KeyRing
+from .config import Config
+from .ledger import Ledger
+from .metrics import Metrics
+from .pricing import PriceTable
+from .providers import Adapter
+from .quota.gate import Gate
+from .route import Router
+from .tokens import Tokenizer
+
+log = logging.getLogger("meterproxy")
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    config: Config
+    adapters: dict[str, Adapter]
+    router: Router
+    keys: KeyRing
+    tokenizer: Tokenizer
+    prices: PriceTable
+    gate: Gate
+    session: aiohttp.ClientSession
+    metrics: Metrics
+    ledger: Ledger
+    tz: tzinfo
+
+    def today(self) -> date:
+        return datetime.now(self.tz).date()
+
+    def day_of(self, ts: float) -> date:
+        return datetime.fromtimestamp(ts, self.tz).date()
+
+    def guess_adapter(self, request: web.Request) -> Adapter:
+        """The adapter whose error shape fits a request that was refused before routing."""
+        first = request.path.split("/", 2)[1] if request.path.count("/") else ""
+        if first in self.adapters:
+            return self.adapters[first]
+        h = request.headers
+        family = ("anthropic" if "anthropic-version" in h or "x-api-key" in h
+                  else "gemini" if "x-goog-api-key" in h or first == "v1beta" else "openai")
+        return next((a for a in self.adapters.values() if a.family == family), next(iter(self.adapters.values())))
+
+
+class Tracker:
+    """Background tasks that must finish before shutdown (settle and record of each request)."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("settle/record failed", exc_info=task.exception())
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    async def drain(self, timeout: float = 30.0) -> None:
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)
+
+
+SERVICES = web.AppKey("services", Services)
+TRACKER = web.AppKey("tracker", Tracker)
