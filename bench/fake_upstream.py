@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import json
 import signal
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
@@ -144,7 +143,7 @@ def _anthropic_events(s: FakeSettings, model: str) -> list[bytes]:
         "cache_read_input_tokens": 0,
         "output_tokens": 1,
     }
-    message = {
+    message: dict[str, object] = {
         "id": "msg_bench",
         "type": "message",
         "role": "assistant",
@@ -392,4 +391,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

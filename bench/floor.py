@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+from collections.abc import AsyncIterator, Mapping
 
 from aiohttp import ClientSession, ClientTimeout, TCPConnector, web
 from multidict import CIMultiDict
@@ -32,9 +33,9 @@ SESSION = web.AppKey("session", ClientSession)
 UPSTREAM = web.AppKey("upstream", str)
 
 
-def _copy_headers(headers: CIMultiDict[str] | object) -> CIMultiDict[str]:
+def _copy_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
     out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():  # type: ignore[attr-defined]
+    for name, value in headers.items():
         if name.lower() not in _DROP:
             out.add(name, value)
     return out
@@ -61,7 +62,7 @@ async def forward(request: web.Request) -> web.StreamResponse:
         return response
 
 
-async def _session_ctx(app: web.Application) -> object:
+async def _session_ctx(app: web.Application) -> AsyncIterator[None]:
     # No total timeout: a long stream is not a hung one; the pool is unbounded like a proxy's.
     app[SESSION] = ClientSession(
         connector=TCPConnector(limit=0, keepalive_timeout=60),

@@ -253,85 +253,99 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def run_streams(port: int, path: str, body: bytes, ident: Identity, api: str, conns: int,
-                      duration_s: float, host: str = "127.0.0.1") -> StreamResult:
-    """Closed loop: `conns` connections each run one stream after another until the deadline."""
-    loop = asyncio.get_running_loop()
-    pattern = usage_pattern(api)
-    head_prefix = (
-        f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-        f"Accept: text/event-stream\r\nContent-Length: {len(body)}\r\n"
-    ).encode()
-    static = None if ident.rotating else head_prefix + _header_bytes(ident, 0) + b"\r\n" + body
-    ttfts: list[float] = []
-    totals: list[float] = []
-    counts = {"streams": 0, "errors": 0, "missing": 0}
-    first_error: list[str] = []
-    counter = iter(range(1 << 62))
-    start = time.perf_counter()
-    deadline = start + duration_s
-    last_end = [start]
+class _StreamLoop:
+    """Closed loop: each connection runs one stream after another until the deadline."""
 
-    def fail(msg: str) -> None:
-        counts["errors"] += 1
-        if not first_error:
-            first_error.append(msg)
+    def __init__(self, port: int, path: str, body: bytes, ident: Identity, api: str,
+                 duration_s: float, host: str) -> None:
+        self.host, self.port, self.body, self.ident = host, port, body, ident
+        self.pattern = usage_pattern(api)
+        self.head_prefix = (
+            f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            f"Accept: text/event-stream\r\nContent-Length: {len(body)}\r\n"
+        ).encode()
+        self.static = None if ident.rotating else self.request(0)
+        self.ttfts: list[float] = []
+        self.totals: list[float] = []
+        self.errors = 0
+        self.missing = 0
+        self.first_error = ""
+        self.counter = 0
+        self.start = time.perf_counter()
+        self.deadline = self.start + duration_s
+        self.last_end = self.start
 
-    async def worker() -> None:
+    def request(self, i: int) -> bytes:
+        return self.head_prefix + _header_bytes(self.ident, i) + b"\r\n" + self.body
+
+    def fail(self, msg: str) -> None:
+        self.errors += 1
+        self.first_error = self.first_error or msg
+
+    def record(self, reply: _Reply, t0: float, t1: float) -> None:
+        self.last_end = max(self.last_end, t1)
+        if reply.status != 200:
+            self.fail(f"HTTP {reply.status}: {reply.body[:200]!r}")
+            return
+        self.ttfts.append(reply.first_byte - t0)
+        self.totals.append(t1 - t0)
+        if not self.pattern.search(reply.body):
+            self.missing += 1
+            self.first_error = self.first_error or f"no usage in stream: {reply.body[-300:]!r}"
+
+    async def worker(self) -> None:
+        loop = asyncio.get_running_loop()
         conn: _StreamConn | None = None
-        while time.perf_counter() < deadline:
+        while time.perf_counter() < self.deadline:
             if conn is None or conn.transport is None:
                 try:
-                    _, conn = await loop.create_connection(_StreamConn, host, port)
+                    _, conn = await loop.create_connection(_StreamConn, self.host, self.port)
                 except OSError as exc:
-                    fail(f"connect: {exc!r}")
+                    self.fail(f"connect: {exc!r}")
                     await asyncio.sleep(0.05)
                     continue
-            i = next(counter)
-            request = static or head_prefix + _header_bytes(ident, i) + b"\r\n" + body
+            self.counter += 1
+            request = self.static or self.request(self.counter)
             t0 = time.perf_counter()
             try:
                 reply = await conn.send(request)
             except ConnectionError as exc:
-                fail(repr(exc))
+                self.fail(repr(exc))
                 conn = None
                 continue
-            t1 = time.perf_counter()
-            last_end[0] = max(last_end[0], t1)
-            if reply.status != 200:
-                fail(f"HTTP {reply.status}: {reply.body[:200]!r}")
-            else:
-                counts["streams"] += 1
-                ttfts.append(reply.first_byte - t0)
-                totals.append(t1 - t0)
-                if not pattern.search(reply.body):
-                    counts["missing"] += 1
-                    if not first_error:
-                        first_error.append(f"no usage in stream: {reply.body[-300:]!r}")
+            self.record(reply, t0, time.perf_counter())
             if not reply.keep_alive and conn.transport is not None:
                 conn.transport.close()
                 conn = None
         if conn is not None and conn.transport is not None:
             conn.transport.close()
 
-    tasks = [asyncio.ensure_future(worker()) for _ in range(conns)]
+    def result(self) -> StreamResult:
+        return StreamResult(
+            streams=len(self.totals),
+            duration_s=self.last_end - self.start,
+            errors=self.errors,
+            missing_usage=self.missing,
+            ttft_p50_ms=_percentile(self.ttfts, 0.5) * 1000,
+            ttft_p99_ms=_percentile(self.ttfts, 0.99) * 1000,
+            total_p50_ms=statistics.median(self.totals) * 1000 if self.totals else float("nan"),
+            first_error=self.first_error,
+        )
+
+
+async def run_streams(port: int, path: str, body: bytes, ident: Identity, api: str, conns: int,
+                      duration_s: float, host: str = "127.0.0.1") -> StreamResult:
+    """`conns` keep-alive connections streaming back to back for duration_s; usage checked in each."""
+    run = _StreamLoop(port, path, body, ident, api, duration_s, host)
+    tasks = [asyncio.ensure_future(run.worker()) for _ in range(conns)]
     done, pending = await asyncio.wait(tasks, timeout=duration_s + 30)
     for task in pending:
         task.cancel()
-        fail("stream did not finish within 30 s of the deadline")
+        run.fail("stream did not finish within 30 s of the deadline")
     for task in done:
         if task.exception() is not None:
-            fail(repr(task.exception()))
-    return StreamResult(
-        streams=counts["streams"],
-        duration_s=last_end[0] - start,
-        errors=counts["errors"],
-        missing_usage=counts["missing"],
-        ttft_p50_ms=_percentile(ttfts, 0.5) * 1000,
-        ttft_p99_ms=_percentile(ttfts, 0.99) * 1000,
-        total_p50_ms=statistics.median(totals) * 1000 if totals else float("nan"),
-        first_error=first_error[0] if first_error else "",
-    )
+            run.fail(repr(task.exception()))
+    return run.result()
 
 
 def _header_bytes(ident: Identity, i: int) -> bytes:

@@ -312,6 +312,10 @@ def goals(summary: dict[str, dict[str, float]]) -> list[tuple[bool, str]]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     names = selected_targets(args.only)
+    if args.workers > 1 and "memory" in names:
+        # meterproxy refuses --workers with the memory store (each worker would count alone).
+        names.remove("memory")
+        print("# --workers > 1: skipping the memory target (needs one process)", file=sys.stderr)
     pin = h.Pinning.choose(args.workers, enabled=not args.no_pin)
     if pin.load:
         # The orchestrator runs the stream client, so it belongs with the load side.

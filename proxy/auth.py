@@ -9,7 +9,7 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from multidict import CIMultiDictProxy, MultiDictProxy
+from multidict import CIMultiDictProxy, MultiMapping
 
 from .config import Config, Limits
 from .errors import Unauthorized
@@ -37,7 +37,7 @@ class KeyEntry:
     limits: Limits | None = None  # limits set on the key itself
 
 
-def presented_key(headers: CIMultiDictProxy[str], query: MultiDictProxy[str]) -> str | None:
+def presented_key(headers: CIMultiDictProxy[str], query: MultiMapping[str]) -> str | None:
     """The key as the client's SDK sent it: Bearer, x-api-key, api-key, x-goog-api-key or ?key=."""
     auth = headers.get("authorization")
     if auth:

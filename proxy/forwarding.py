@@ -5,8 +5,6 @@ path; redirects are not followed; client auth headers and hop-by-hop headers nev
 """
 from __future__ import annotations
 
-import asyncio
-
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
@@ -76,7 +74,7 @@ async def send(
             timeout=timeout,
             allow_redirects=False,
         )
-    except (aiohttp.ServerTimeoutError, asyncio.TimeoutError):
+    except (TimeoutError, aiohttp.ServerTimeoutError):
         raise UpstreamTimeout(f"The upstream provider {adapter.name!r} did not answer in time.") from None
     except aiohttp.ClientError as e:
         raise UpstreamUnreachable(

@@ -5,7 +5,6 @@ client's socket); a client that hangs up closes the upstream connection so gener
 """
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -65,7 +64,7 @@ async def relay_body(
     """A non-streamed answer: read it whole (usage is in it), forward the bytes unchanged."""
     try:
         data = await upstream.read()
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise UpstreamTimeout(f"The upstream provider {adapter.name!r} did not finish its answer in time.") from None
     except aiohttp.ClientError as e:
         raise UpstreamUnreachable(f"The upstream provider {adapter.name!r} broke off its answer ({type(e).__name__}).") from None
@@ -97,39 +96,17 @@ async def relay_stream(
     """Relay a stream event by event. Never raises for upstream or client trouble after the 200."""
     resp = web.StreamResponse(status=upstream.status, headers=response_headers(upstream, extra))
     out = Relayed(status=upstream.status, streamed=True)
-    sse = "text/event-stream" in upstream.headers.get("content-type", "")
-    tap = adapter.new_tap(call, strip_usage)
-    splitter = SSESplitter()
-    raw_json: list[bytes] = []  # Gemini's non-SSE stream is one JSON array: kept to read its usage
-    raw_size = 0
+    pump = _Pump(resp, adapter.new_tap(call, strip_usage),
+                 "text/event-stream" in upstream.headers.get("content-type", ""))
     complete = False
     end_error: ProxyError | None = None
     try:
         await resp.prepare(request)
-        async for chunk in upstream.content.iter_any():
-            if out.ttft_seconds is None:
-                out.ttft_seconds = time.perf_counter() - started
-            if sse:
-                send = b"".join([b for b in map(tap.on_event, splitter.feed(chunk)) if b])
-            else:
-                send = chunk
-                if raw_size < _MAX_JSON_STREAM_BYTES:
-                    raw_json.append(chunk)
-                    raw_size += len(chunk)
-            if send:
-                await resp.write(send)
-            end_error = overrun(tap)
-            if end_error is not None:
-                break
-        else:
-            complete = True
-            rest = b"".join([b for b in map(tap.on_event, splitter.flush()) if b])
-            if rest:
-                await resp.write(rest)
+        complete, end_error = await pump.run(upstream, out, started, overrun)
     except ConnectionError:
         # The client hung up (writes to a closing transport raise ConnectionResetError).
         out.client_gone = True
-    except asyncio.TimeoutError:
+    except TimeoutError:
         end_error = UpstreamTimeout(f"The upstream provider {adapter.name!r} went silent mid-stream.")
     except aiohttp.ClientError as e:
         end_error = UpstreamUnreachable(f"The upstream provider {adapter.name!r} cut the stream ({type(e).__name__}).")
@@ -141,24 +118,70 @@ async def relay_stream(
         out.cut_short = True
     if end_error is not None and not out.client_gone:
         out.error = end_error.code
-        try:
-            await resp.write(adapter.stream_error_event(call, end_error))
-        except ConnectionError:
-            out.client_gone = True
+        out.client_gone = not await _send(resp, adapter.stream_error_event(call, end_error))
     if not out.client_gone:
         try:
             await resp.write_eof()
         except ConnectionError:
             out.client_gone = True
-    tap.finish()
-    if not sse and raw_json:
-        try:
-            out.usage = adapter.usage_from_body(call, orjson.loads(b"".join(raw_json)))
-        except orjson.JSONDecodeError:
-            out.usage = None
-    else:
-        out.usage = tap.usage
-    out.output_final = tap.output_final or (complete and out.usage is not None)
-    out.error = out.error or tap.error
-    out.text = tap.output_text
+    pump.finish(adapter, call, out, complete)
     return resp, out
+
+
+async def _send(resp: web.StreamResponse, data: bytes) -> bool:
+    try:
+        await resp.write(data)
+        return True
+    except ConnectionError:
+        return False
+
+
+class _Pump:
+    """Moves chunks from upstream to client through the tap."""
+
+    def __init__(self, resp: web.StreamResponse, tap: StreamTap, sse: bool) -> None:
+        self.resp = resp
+        self.tap = tap
+        self.sse = sse
+        self.splitter = SSESplitter()
+        self.raw_json: list[bytes] = []  # Gemini's non-SSE stream is one JSON array: kept to read usage
+        self.raw_size = 0
+
+    def _events(self, events: list) -> bytes:  # type: ignore[type-arg]
+        return b"".join([b for b in map(self.tap.on_event, events) if b])
+
+    async def run(self, upstream: aiohttp.ClientResponse, out: Relayed, started: float,
+                  overrun: Callable[[StreamTap], ProxyError | None]) -> tuple[bool, ProxyError | None]:
+        async for chunk in upstream.content.iter_any():
+            if out.ttft_seconds is None:
+                out.ttft_seconds = time.perf_counter() - started
+            if self.sse:
+                send = self._events(self.splitter.feed(chunk))
+            else:
+                send = chunk
+                if self.raw_size < _MAX_JSON_STREAM_BYTES:
+                    self.raw_json.append(chunk)
+                    self.raw_size += len(chunk)
+            if send:
+                await self.resp.write(send)
+            end_error = overrun(self.tap)
+            if end_error is not None:
+                return False, end_error
+        rest = self._events(self.splitter.flush())
+        if rest:
+            await self.resp.write(rest)
+        return True, None
+
+    def finish(self, adapter: Adapter, call: Call, out: Relayed, complete: bool) -> None:
+        tap = self.tap
+        tap.finish()
+        if not self.sse and self.raw_json:
+            try:
+                out.usage = adapter.usage_from_body(call, orjson.loads(b"".join(self.raw_json)))
+            except orjson.JSONDecodeError:
+                out.usage = None
+        else:
+            out.usage = tap.usage
+        out.output_final = tap.output_final or (complete and out.usage is not None)
+        out.error = out.error or tap.error
+        out.text = tap.output_text

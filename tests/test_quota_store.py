@@ -469,3 +469,24 @@ def test_cluster_flag_is_taken_off_the_url() -> None:
         split_cluster_flag("redis://h:1?cluster=maybe")
     with pytest.raises(ValueError):
         RedisStore("redis://h:1", prefix="{x}:")
+
+
+async def test_every_redis_key_expires(redis_server: RedisProc) -> None:
+    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    store = RedisStore(redis_server.url, prefix=prefix)
+    observer = Redis.from_url(redis_server.url, decode_responses=True)
+    limits = (lim(LimitName.RPM, 10), lim(LimitName.TPM, 10_000), lim(LimitName.USD_PER_DAY, 999),
+              lim(LimitName.TOKENS_PER_DAY, 9999), lim(LimitName.USD_PER_MONTH, 999),
+              lim(LimitName.MAX_CONCURRENT, 3))
+    try:
+        first = reservation(await store.admit(adm(*limits, tokens=5, cost=5)))
+        await store.admit(adm(*limits, tokens=5, cost=5))
+        await store.settle(first, 50, 50, T0 + 1)  # settling above the reservation writes too
+        keys = [k async for k in observer.scan_iter(match=f"{prefix}*")]
+        assert len(keys) == 7  # six counters and one unsettled reservation
+        assert all(k.startswith(prefix + "{team-a}:") for k in keys)
+        ttls = [await observer.ttl(k) for k in keys]
+        assert all(t > 0 for t in ttls), ttls
+    finally:
+        await observer.aclose()
+        await store.close()

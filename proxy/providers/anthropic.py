@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import orjson
-from multidict import CIMultiDict, MultiDictProxy
+from multidict import CIMultiDict, MultiMapping
 
 from ..errors import ProxyError
 from ..records import ApiKind, TokenCounts, Usage
@@ -54,8 +54,9 @@ class MessagesTap(StreamTap):
             if not isinstance(obj, dict):
                 return ev.raw
             if name == "message_start":
-                msg = obj.get("message") if isinstance(obj.get("message"), dict) else {}
-                self.usage = anthropic_usage(msg.get("usage"), msg.get("model"), self.usage)
+                msg = obj.get("message")
+                if isinstance(msg, dict):
+                    self.usage = anthropic_usage(msg.get("usage"), msg.get("model"), self.usage)
             else:
                 self.usage = anthropic_usage(obj.get("usage"), None, self.usage)
                 self._final = True
@@ -77,7 +78,7 @@ class MessagesTap(StreamTap):
 class AnthropicAdapter(Adapter):
     family = "anthropic"
 
-    def classify(self, method: str, path: str, query: MultiDictProxy[str]) -> tuple[ApiKind, str | None, bool]:
+    def classify(self, method: str, path: str, query: MultiMapping[str]) -> tuple[ApiKind, str | None, bool]:
         if method == "POST" and path.endswith("/messages/count_tokens"):
             return ApiKind.COUNT_TOKENS, None, False
         if method == "POST" and path.endswith("/messages"):

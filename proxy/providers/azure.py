@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 
-from multidict import CIMultiDict, MultiDictProxy
+from multidict import CIMultiDict, MultiMapping
 
 from ..records import ApiKind
 from .openai import OpenAIAdapter, openai_kind
@@ -15,7 +15,7 @@ _DEPLOYMENT = re.compile(r"^/openai/deployments/([^/]+)/")
 
 
 class AzureAdapter(OpenAIAdapter):
-    def classify(self, method: str, path: str, query: MultiDictProxy[str]) -> tuple[ApiKind, str | None, bool]:
+    def classify(self, method: str, path: str, query: MultiMapping[str]) -> tuple[ApiKind, str | None, bool]:
         m = _DEPLOYMENT.match(path)
         return openai_kind(method, path), (m.group(1) if m else None), False
 
@@ -24,7 +24,7 @@ class AzureAdapter(OpenAIAdapter):
             return "unknown"
         return self.config.deployments.get(model, model)
 
-    def upstream_query(self, query: MultiDictProxy[str]) -> list[tuple[str, str]]:
+    def upstream_query(self, query: MultiMapping[str]) -> list[tuple[str, str]]:
         items = super().upstream_query(query)
         if self.config.api_version and not any(k == "api-version" for k, _ in items):
             items.append(("api-version", self.config.api_version))

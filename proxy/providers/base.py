@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from multidict import CIMultiDict, MultiDictProxy
+from multidict import CIMultiDict, MultiMapping
 
 from ..config import ProviderConfig
 from ..errors import ProxyError
@@ -98,11 +98,11 @@ class Adapter:
         self.base_url = config.base_url
 
     # -- request side -------------------------------------------------
-    def classify(self, method: str, path: str, query: MultiDictProxy[str]) -> tuple[ApiKind, str | None, bool]:
+    def classify(self, method: str, path: str, query: MultiMapping[str]) -> tuple[ApiKind, str | None, bool]:
         """(kind, model named by the URL, stream named by the URL) for an upstream path."""
         raise NotImplementedError
 
-    def call(self, method: str, path: str, query: MultiDictProxy[str], body: Mapping[str, Any] | None) -> Call:
+    def call(self, method: str, path: str, query: MultiMapping[str], body: Mapping[str, Any] | None) -> Call:
         kind, url_model, url_stream = self.classify(method, path, query)
         model = url_model
         if model is None and body is not None:
@@ -119,7 +119,7 @@ class Adapter:
         """Adjust the body before forwarding. Returns (changed, strip_usage_chunk)."""
         return False, False
 
-    def upstream_query(self, query: MultiDictProxy[str]) -> list[tuple[str, str]]:
+    def upstream_query(self, query: MultiMapping[str]) -> list[tuple[str, str]]:
         return [(k, v) for k, v in query.items() if k != "key"]
 
     def set_auth(self, headers: CIMultiDict[str]) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import orjson
-from multidict import CIMultiDict, MultiDictProxy
+from multidict import CIMultiDict, MultiMapping
 
 from ..errors import ProxyError
 from ..records import ApiKind, TokenCounts, Usage
@@ -72,7 +72,7 @@ class GenerateTap(StreamTap):
 class GeminiAdapter(Adapter):
     family = "gemini"
 
-    def classify(self, method: str, path: str, query: MultiDictProxy[str]) -> tuple[ApiKind, str | None, bool]:
+    def classify(self, method: str, path: str, query: MultiMapping[str]) -> tuple[ApiKind, str | None, bool]:
         m = _METHOD.search(path)
         if method != "POST" or not m:
             return ApiKind.OTHER, None, False

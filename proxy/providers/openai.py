@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import orjson
-from multidict import CIMultiDict, MultiDictProxy
+from multidict import CIMultiDict, MultiMapping
 
 from ..errors import ProxyError
 from ..records import ApiKind, Usage
@@ -133,7 +133,7 @@ class ResponsesTap(StreamTap):
 class OpenAIAdapter(Adapter):
     family = "openai"
 
-    def classify(self, method: str, path: str, query: MultiDictProxy[str]) -> tuple[ApiKind, str | None, bool]:
+    def classify(self, method: str, path: str, query: MultiMapping[str]) -> tuple[ApiKind, str | None, bool]:
         if path.endswith("/responses/input_tokens"):
             return ApiKind.OTHER, None, False
         return openai_kind(method, path), None, False

@@ -26,7 +26,17 @@ from ..pricing import PriceTable
 from ..providers import Adapter, Call, StreamTap
 from ..records import Subject, TokenCounts
 from .memory import MemoryStore
-from .store import MONEY_LIMITS, TOKEN_LIMITS, Admission, Decision, Limit, LimitName, LimitState, QuotaStore, Reservation
+from .store import (
+    MONEY_LIMITS,
+    TOKEN_LIMITS,
+    Admission,
+    Decision,
+    Limit,
+    LimitName,
+    LimitState,
+    QuotaStore,
+    Reservation,
+)
 
 log = logging.getLogger("meterproxy.quota")
 
