@@ -13,6 +13,7 @@ import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -309,75 +310,89 @@ def goals(summary: dict[str, dict[str, float]]) -> list[tuple[bool, str]]:
 # --- main --------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run_rounds(targets: list[Target], plan: Plan, scripts: dict[str, Path], stream_body: bytes,
+               started: float) -> None:
+    for t in targets:
+        warm_up(t, plan, scripts)
+    for rnd in range(plan.rounds):
+        # Rotate the order each round so no target always runs first (or right after a heavy one).
+        order = targets[rnd % len(targets):] + targets[: rnd % len(targets)]
+        for phase in PHASES:
+            for t in order:
+                try:
+                    measure(t, phase, plan, scripts, stream_body)
+                except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                    t.failures.append(f"{phase}: {exc}")
+        print(f"# round {rnd + 1}/{plan.rounds} done at {time.monotonic() - started:.0f} s", file=sys.stderr)
+    for t in targets:
+        t.rss_bytes = h.rss_bytes(t.pids())
+        if t.proc is not None and not t.proc.alive():
+            t.failures.append(f"process exited during the run:\n{t.proc.log_tail()}")
+
+
+def report(args: argparse.Namespace, targets: list[Target], plan: Plan, problems: list[str]) -> int:
+    summary = summarize(targets)
+    print(table(summary, targets, plan))
+    checks = goals(summary) if not args.smoke else []
+    if checks:
+        print()
+        for ok, text in checks:
+            print(f"- {'PASS' if ok else 'MISS'} {text}")
+    problems = problems + [f"{t.name}: {f}" for t in targets for f in t.failures]
+    if args.json:
+        args.json.write_text(json.dumps({
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "plan": asdict(plan),
+            "summary": summary,
+            "samples": {t.name: t.samples for t in targets},
+            "problems": problems,
+        }, indent=2, default=str))
+    for p in problems:
+        print(f"PROBLEM {p}", file=sys.stderr)
+    if problems:
+        return 1
+    return 1 if args.strict and not all(ok for ok, _ in checks) else 0
+
+
+def target_names(args: argparse.Namespace) -> list[str]:
     names = selected_targets(args.only)
     if args.workers > 1 and "memory" in names:
         # meterproxy refuses --workers with the memory store (each worker would count alone).
         names.remove("memory")
         print("# --workers > 1: skipping the memory target (needs one process)", file=sys.stderr)
+    if "litellm" in names and not os.environ.get("LITELLM_BIN"):
+        names.remove("litellm")
+        print("# LITELLM_BIN not set: skipping the litellm target", file=sys.stderr)
+    return names
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    names = target_names(args)
     pin = h.Pinning.choose(args.workers, enabled=not args.no_pin)
     if pin.load:
         # The orchestrator runs the stream client, so it belongs with the load side.
         os.sched_setaffinity(0, {int(c) for c in pin.load.split(",")})
-    path, _, body, stream_body = api_paths(args.api)
+    _, _, body, stream_body = api_paths(args.api)
     ident = Identity(keys=max(1, args.keys), users=max(0, args.users))
     plan = Plan(args.duration, args.rounds, args.warmup, args.conns, 1, args.stream_conns, args.api,
                 ident, pin.load)
     workdir = Path(tempfile.mkdtemp(prefix="meterbench-"))
     procs = h.Procs(workdir)
     started = time.monotonic()
-    problems: list[str] = []
     try:
         fake_port = h.free_port()
         h.start_fake(procs, pin, fake_port, ["--latency-ms", str(args.upstream_latency_ms),
                                              "--chunk-interval-ms", str(args.chunk_interval_ms),
                                              "--stream-tokens", str(args.stream_tokens)])
         targets, problems = start_targets(args, names, procs, pin, fake_port)
-        if "litellm" in names and not os.environ.get("LITELLM_BIN") and args.only:
-            problems.append("litellm: LITELLM_BIN is not set")
         scripts = {"plain": wrk_script(workdir / "plain.lua", body, ident)}
         print(f"# pinning: load side on cores {pin.load or 'any'}, proxy on {pin.proxy or 'any'}; "
               f"{args.rounds} round(s) × {args.duration} s per phase; workdir {workdir}", file=sys.stderr)
-        for t in targets:
-            warm_up(t, plan, scripts)
-        for rnd in range(plan.rounds):
-            # Rotate the order each round so no target always runs first (or right after a heavy one).
-            order = targets[rnd % len(targets):] + targets[: rnd % len(targets)]
-            for phase in PHASES:
-                for t in order:
-                    measure(t, phase, plan, scripts, stream_body)
-            print(f"# round {rnd + 1}/{plan.rounds} done at {time.monotonic() - started:.0f} s", file=sys.stderr)
-        for t in targets:
-            t.rss_bytes = h.rss_bytes(t.pids())
-            if t.proc is not None and not t.proc.alive():
-                t.failures.append(f"process exited during the run:\n{t.proc.log_tail()}")
-        summary = summarize(targets)
-        print(table(summary, targets, plan))
-        checks = goals(summary) if not args.smoke else []
-        if checks:
-            print()
-            for ok, text in checks:
-                print(f"- {'PASS' if ok else 'MISS'} {text}")
-        for t in targets:
-            for failure in t.failures:
-                problems.append(f"{t.name}: {failure}")
-        if args.json:
-            args.json.write_text(json.dumps({
-                "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                "plan": {**asdict(plan), "ident": asdict(ident)},
-                "summary": summary,
-                "samples": {t.name: t.samples for t in targets},
-                "problems": problems,
-            }, indent=2, default=str))
-        for p in problems:
-            print(f"PROBLEM {p}", file=sys.stderr)
+        run_rounds(targets, plan, scripts, stream_body, started)
+        code = report(args, targets, plan, problems)
         print(f"# total {time.monotonic() - started:.1f} s", file=sys.stderr)
-        if problems:
-            return 1
-        if args.strict and not all(ok for ok, _ in checks):
-            return 1
-        return 0
+        return code
     finally:
         procs.stop_all()
         if not args.keep:

@@ -168,8 +168,6 @@ async def _settle_and_record(svc: Services, f: Flight, t_end: float) -> None:
     day = svc.day_of(f.started)
     model = usage.model if usage.model and svc.prices.lookup(usage.model, day) else est.model
     cost, priced = svc.prices.cost_micro_usd(model, usage.tokens, day)
-    if f.ticket is not None:
-        await svc.gate.settle(f.ticket, usage.tokens, cost)
     overhead = None
     if got is not None and f.t_forward:
         overhead = (f.t_forward - f.t0) + max(0.0, t_end - got.upstream_done)
@@ -182,6 +180,7 @@ async def _settle_and_record(svc: Services, f: Flight, t_end: float) -> None:
         streamed=bool(got and got.streamed), cut_short=bool(got and (got.cut_short or got.client_gone)),
         error=f.error or (got.error if got else None),
     )
+    await svc.gate.settle(f.ticket, rec)  # one store round trip: reservation → actual, aggregates
     svc.metrics.observe(rec, overhead)
     svc.ledger.write(rec)
 

@@ -24,7 +24,7 @@ from ..estimate import Estimate
 from ..metrics import Metrics
 from ..pricing import PriceTable
 from ..providers import Adapter, Call, StreamTap
-from ..records import Subject, TokenCounts
+from ..records import Subject, UsageRecord
 from .memory import MemoryStore
 from .store import (
     MONEY_LIMITS,
@@ -323,7 +323,10 @@ class Gate:
                     "serving on local counters" if self.config.on_store_failure == "open" else "refusing", backoff)
 
     # ------------------------------------------------------------ settle
-    async def settle(self, ticket: Ticket, tokens: TokenCounts, cost_micro_usd: int) -> None:
+    async def settle(self, ticket: Ticket | None, rec: UsageRecord) -> None:
+        """Replace the reservation with what `rec` says was used (rejected requests: no ticket)."""
+        if ticket is None:
+            return
         if ticket.slot is not None:
             ticket.slot.release()
             ticket.slot = None
@@ -331,7 +334,7 @@ class Gate:
         self._settled.set()
         if res is None:
             return
-        total = tokens.total
+        total, cost_micro_usd = rec.tokens.total, rec.cost_micro_usd
         now = time.time()
         if ticket.local:
             await self._local.settle(res, total, cost_micro_usd, now)
