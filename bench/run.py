@@ -300,7 +300,7 @@ def goals(summary: dict[str, dict[str, float]]) -> list[tuple[bool, str]]:
         out.append((r["added_p99_ms"] <= 1.5, f"{name}: added p99 {r['added_p99_ms']:.2f} ms (goal ≤ 1.5)"))
         out.append((r["rss_mib"] <= rss_cap, f"{name}: RSS {r['rss_mib']:.0f} MiB (goal ≤ {rss_cap:.0f})"))
         if lite is not None:
-            out.append((r["rps"] >= 25 * lite["rps"], f"{name}: {r['rps'] / lite['rps']:.0f}× LiteLLM RPS (goal ≥ 25)"))
+            out.append((r["rps"] >= 25 * lite["rps"], f"{name}: {r['rps'] / lite['rps']:.1f}× LiteLLM RPS (goal ≥ 25)"))
             out.append((r["added_p50_ms"] <= lite["added_p50_ms"] / 10,
                         f"{name}: added p50 {r['added_p50_ms']:.2f} ms vs LiteLLM "
                         f"{lite['added_p50_ms']:.2f} (goal ≤ 1/10)"))

@@ -14,6 +14,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client import multiprocess as prom_multiprocess
 
+from .admin import add_admin_routes
 from .auth import KeyRing
 from .config import Config, resolve_path
 from .ledger import Ledger
@@ -75,6 +76,7 @@ def create_app(config: Config, config_path: str = "config.yaml", *, registry: Co
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)
+    add_admin_routes(app)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app
 

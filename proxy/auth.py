@@ -71,7 +71,7 @@ class KeyRing:
     def entries(self) -> Mapping[str, KeyEntry]:
         return self._by_digest
 
-    def lookup(self, key: str | None) -> KeyEntry:
+    async def lookup(self, key: str | None) -> KeyEntry:
         if not key:
             raise Unauthorized("Missing API key: send your meterproxy virtual key as your SDK's API key.")
         entry = self._by_digest.get(sha256_hex(key))

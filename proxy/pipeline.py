@@ -74,7 +74,7 @@ async def _run(request: web.Request, svc: Services, f: Flight) -> web.StreamResp
     # route (by path; the unified /v1 route needs the body's model first)
     target = svc.router.by_path(request.path)
     # authenticate
-    entry = svc.keys.lookup(presented_key(request.headers, request.query))
+    entry = await svc.keys.lookup(presented_key(request.headers, request.query))
     f.subject = svc.keys.subject(entry, request.headers.get(END_USER_HEADER))
     raw = await _read_body(request, svc.config.max_body_bytes)
     body = _parse_json(raw, request)
