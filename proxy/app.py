@@ -5,7 +5,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -16,7 +16,8 @@ from prometheus_client import multiprocess as prom_multiprocess
 
 from .admin import add_admin_routes
 from .auth import KeyRing
-from .config import Config, resolve_path
+from .config import Config, load_config, resolve_path
+from .errors import ConfigError, StoreError
 from .ledger import Ledger
 from .metrics import Metrics
 from .pipeline import handle
@@ -27,7 +28,7 @@ from .quota.memory import MemoryStore
 from .quota.redis_store import RedisStore
 from .quota.store import QuotaStore
 from .route import Router
-from .services import SERVICES, TRACKER, Services, Tracker
+from .services import SERVICES, TRACKER, Live, Services, Tracker
 from .tokens import Tokenizer
 
 log = logging.getLogger("meterproxy")
@@ -35,8 +36,9 @@ log = logging.getLogger("meterproxy")
 CONFIG = web.AppKey("config", Config)
 CONFIG_PATH = web.AppKey("config_path", str)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
-STORE = web.AppKey("store", QuotaStore)  # type: ignore[type-abstract]
 DRAINING = web.AppKey("draining", asyncio.Event)
+Reloader = Callable[[], Awaitable[str | None]]
+RELOAD: web.AppKey[Reloader] = web.AppKey("reload")
 _SHIPPED_PRICING = Path(__file__).resolve().parent.parent / "config" / "pricing.yaml"
 
 
@@ -71,6 +73,8 @@ def create_app(config: Config, config_path: str = "config.yaml", *, registry: Co
     app[REGISTRY] = registry or CollectorRegistry()
     app[TRACKER] = Tracker()
     app[DRAINING] = asyncio.Event()
+    app[SERVICES] = Live()
+    app[RELOAD] = lambda: reload(app)
     app.cleanup_ctx.append(_services_ctx(tokenizer))
     app.on_shutdown.append(_start_drain)
     app.router.add_get("/healthz", healthz)
@@ -79,6 +83,45 @@ def create_app(config: Config, config_path: str = "config.yaml", *, registry: Co
     add_admin_routes(app)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app
+
+
+def build_services(config: Config, config_path: str, old: Services) -> Services:
+    """Services for a (re)loaded config, keeping what outlives a reload: session, metrics, ledger,
+    tokenizer, store (when its URL is unchanged) and the fail-open replay queue."""
+    prices = load_prices(config, config_path)
+    if config.store != old.config.store:
+        raise ConfigError(f"{config_path}: store: changing the store needs a restart (was {old.config.store!r})")
+    if config.ledger.path != old.config.ledger.path:
+        raise ConfigError(f"{config_path}: ledger.path: changing the ledger file needs a restart")
+    tok = old.tokenizer
+    if config.tokenizer != old.config.tokenizer:
+        tok = Tokenizer(config.tokenizer.encodings, config.tokenizer.default_encoding)
+        tok.load()
+    gate = Gate(config, old.gate.store, prices, old.metrics, ZoneInfo(config.timezone))
+    gate.adopt(old.gate)
+    adapters = {name: build_adapter(name, p) for name, p in config.providers.items()}
+    keys = KeyRing(config)
+    keys.adopt(old.keys)
+    return Services(config, adapters, Router(config, adapters), keys, tok, prices, gate, old.session,
+                    old.metrics, old.ledger, ZoneInfo(config.timezone))
+
+
+async def reload(app: web.Application) -> str | None:
+    """Reload the config file: None on success, else the error (the old config keeps serving).
+
+    In-flight requests hold the Services they started with and finish under the old config.
+    """
+    live = app[SERVICES]
+    path = app[CONFIG_PATH]
+    try:
+        config = await asyncio.to_thread(load_config, path)
+        new = await asyncio.to_thread(build_services, config, path, live.get())
+    except ConfigError as e:
+        log.error("reload refused, keeping the running config: %s", e)
+        return str(e)
+    live.services = new
+    log.info("config reloaded from %s", path)
+    return None
 
 
 def _services_ctx(tokenizer: Tokenizer | None):  # type: ignore[no-untyped-def]
@@ -93,9 +136,8 @@ def _services_ctx(tokenizer: Tokenizer | None):  # type: ignore[no-untyped-def]
         store = build_store(config)
         try:
             await store.start()
-        except Exception as e:  # noqa: BLE001 - a store down at start is served per on_store_failure
+        except StoreError as e:  # a store down at start is served per on_store_failure
             log.warning("quota store not reachable at start: %s", e)
-        app[STORE] = store
         tz = ZoneInfo(config.timezone)
         gate = Gate(config, store, prices, metrics, tz)
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300)
@@ -104,15 +146,16 @@ def _services_ctx(tokenizer: Tokenizer | None):  # type: ignore[no-untyped-def]
                         rotate_bytes=config.ledger.rotate_bytes, queue_size=config.ledger.queue_size)
         await ledger.start()
         adapters = {name: build_adapter(name, p) for name, p in config.providers.items()}
-        app[SERVICES] = Services(config, adapters, Router(config, adapters), KeyRing(config), tok, prices, gate,
+        live = app[SERVICES]
+        live.services = Services(config, adapters, Router(config, adapters), KeyRing(config), tok, prices, gate,
                                  session, metrics, ledger, tz)
-        replay = asyncio.get_running_loop().create_task(gate.replay_loop())
+        replay = asyncio.get_running_loop().create_task(_replay_loop(live))
         log.info("meterproxy ready: %d providers, store %s", len(adapters),
                  "memory" if config.store == "memory" else "redis")
         yield
         # Shutdown: in-flight handlers are done; finish their settle/record, then flush the ledger.
         await app[TRACKER].drain()
-        await gate.replay_pending()
+        await live.get().gate.replay_pending()
         replay.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await replay
@@ -121,6 +164,15 @@ def _services_ctx(tokenizer: Tokenizer | None):  # type: ignore[no-untyped-def]
         await store.close()
 
     return ctx
+
+
+async def _replay_loop(live: Live) -> None:
+    """Push usage kept during a store outage back to the store once it answers again."""
+    while True:
+        await asyncio.sleep(0.5)
+        gate = live.get().gate
+        if gate.pending_replays:
+            await gate.replay_pending()
 
 
 async def _start_drain(app: web.Application) -> None:
@@ -134,8 +186,8 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     if request.app[DRAINING].is_set():
         return web.json_response({"status": "draining"}, status=503)
-    store_ok = await request.app[STORE].ping()
-    svc = request.app[SERVICES]
+    svc = request.app[SERVICES].get()
+    store_ok = await svc.gate.store.ping()
     body = {"status": "ok" if store_ok else "store_unreachable", "store": store_ok,
             "on_store_failure": svc.config.on_store_failure, "tokenizer_fallback": svc.tokenizer.fallback}
     # Fail-open still serves: ready. Closed mode cannot serve without the store.

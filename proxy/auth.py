@@ -57,16 +57,25 @@ class KeyRing:
     def __init__(self, config: Config) -> None:
         self._config = config
         self._by_digest: dict[str, KeyEntry] = {}
+        self._extra: dict[str, KeyEntry] = {}  # learned outside the config
         for k in config.keys:
             digest = k.key_sha256 or sha256_hex(k.key or "")
             own = k if k.values() else None
             self._by_digest[digest] = KeyEntry(key_id_of(digest), k.user, k.team, k.plan, k.trusted_user_header, own)
 
+    def adopt(self, old: KeyRing) -> None:
+        """Keep keys a previous ring learned outside the config (store-created keys)."""
+        for digest, entry in old._extra.items():
+            self._by_digest.setdefault(digest, entry)
+            self._extra[digest] = entry
+
     def add(self, digest: str, entry: KeyEntry) -> None:
         self._by_digest[digest] = entry
+        self._extra[digest] = entry
 
     def remove(self, digest: str) -> None:
         self._by_digest.pop(digest, None)
+        self._extra.pop(digest, None)
 
     def entries(self) -> Mapping[str, KeyEntry]:
         return self._by_digest

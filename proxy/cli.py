@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import os
@@ -99,7 +100,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _run_server(config: Config, config_path: str, host: str, port: int, reuse_port: bool = False) -> None:
     from aiohttp import web
 
-    from .app import create_app
+    from .app import RELOAD, create_app
 
     try:
         import uvloop
@@ -108,6 +109,14 @@ def _run_server(config: Config, config_path: str, host: str, port: int, reuse_po
     except ImportError:
         pass
     app = create_app(config, config_path)
+
+    async def on_startup(app: web.Application) -> None:
+        loop = asyncio.get_running_loop()
+        # SIGHUP reloads the config; a bad file is logged and the running config kept.
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(app[RELOAD]()))
+        log.info("listening on http://%s:%d (pid %d)", host, port, os.getpid())
+
+    app.on_startup.append(on_startup)
     web.run_app(app, host=host, port=port, reuse_port=reuse_port or None, access_log=None,
                 shutdown_timeout=config.drain_timeout, print=lambda *_: None,
                 handle_signals=True)

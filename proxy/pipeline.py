@@ -55,7 +55,7 @@ class Flight:
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
-    svc = request.app[SERVICES]  # a snapshot: a reload swaps it, in-flight requests keep theirs
+    svc = request.app[SERVICES].get()  # a snapshot: a reload swaps it, in-flight requests keep theirs
     f = Flight(uuid.uuid4().hex, time.time(), time.perf_counter())
     f.headers["x-request-id"] = f.request_id
     try:

@@ -82,5 +82,18 @@ class Tracker:
             await asyncio.wait(list(self._tasks), timeout=timeout)
 
 
-SERVICES = web.AppKey("services", Services)
+class Live:
+    """Holds the current Services; a reload replaces `.services` (the app itself stays frozen)."""
+
+    __slots__ = ("services",)
+
+    def __init__(self) -> None:
+        self.services: Services | None = None
+
+    def get(self) -> Services:
+        assert self.services is not None, "services are built at app startup"
+        return self.services
+
+
+SERVICES = web.AppKey("services", Live)
 TRACKER = web.AppKey("tracker", Tracker)

@@ -75,7 +75,7 @@ class Proxy:
 
     @property
     def svc(self) -> Services:
-        return self.app[SERVICES]
+        return self.app[SERVICES].get()
 
     async def settled(self) -> None:
         """Wait until every finished request is settled, recorded and written to the ledger."""

@@ -93,12 +93,11 @@ CONTRACT_LABELS = {
 SCRAPE_LABELS = {"instance", "job"}
 SEVERITIES = {"critical", "warning", "info"}
 # PromQL words that look like metric names to the regex below.
-PROMQL_WORDS = {
-    "sum", "by", "without", "on", "ignoring", "group_left", "group_right", "and", "or",
-    "unless", "rate", "increase", "irate", "topk", "bottomk", "avg_over_time", "max", "min",
-    "avg", "count", "scalar", "vector", "clamp_min", "clamp_max", "histogram_quantile",
-    "day_of_month", "days_in_month", "hour", "minute", "absent", "offset", "bool", "time",
-}
+PROMQL_WORDS = set(
+    """sum by without on ignoring group_left group_right and or unless rate increase irate topk
+    bottomk avg_over_time max min avg count scalar vector clamp_min clamp_max histogram_quantile
+    day_of_month days_in_month hour minute absent offset bool time""".split()
+)
 
 
 def load_yaml(path: Path) -> Any:
@@ -110,7 +109,9 @@ def load_yaml_docs(path: Path) -> list[Any]:
 
 
 def recorded_names() -> set[str]:
-    return {r["record"] for g in load_yaml(PROM_DIR / "recording.yml")["groups"] for r in g["rules"]}
+    return {
+        r["record"] for g in load_yaml(PROM_DIR / "recording.yml")["groups"] for r in g["rules"]
+    }
 
 
 def alert_rules() -> list[dict[str, Any]]:
@@ -211,7 +212,9 @@ def test_compose_serves_the_mounted_config(compose: dict[str, Any]) -> None:
     assert mounts[config_path] == "./meterproxy.yaml"
     # Prometheus scrapes the port the proxy listens on.
     port = command[command.index("--port") + 1]
-    targets = load_yaml(PROM_DIR / "prometheus.yml")["scrape_configs"][0]["static_configs"][0]["targets"]
+    targets = load_yaml(PROM_DIR / "prometheus.yml")["scrape_configs"][0]["static_configs"][0][
+        "targets"
+    ]
     assert targets == [f"meterproxy:{port}"]
 
 
@@ -232,7 +235,9 @@ def test_compose_mounts_match_prometheus_and_grafana_paths(compose: dict[str, An
     grafana = compose["services"]["grafana"]
     provider = load_yaml(DEPLOY_DIR / "grafana/provisioning/dashboards/meterproxy.yml")
     folder = provider["providers"][0]["options"]["path"]
-    dashboard_mounts = [v for v in grafana["volumes"] if v.startswith("./grafana/meterproxy-dashboard.json:")]
+    dashboard_mounts = [
+        v for v in grafana["volumes"] if v.startswith("./grafana/meterproxy-dashboard.json:")
+    ]
     assert len(dashboard_mounts) == 1
     assert dashboard_mounts[0].split(":")[1].startswith(folder + "/")
     datasource = load_yaml(DEPLOY_DIR / "grafana/provisioning/datasources/prometheus.yml")
@@ -278,7 +283,9 @@ def test_every_kubernetes_file_is_yaml_and_listed() -> None:
         docs = load_yaml_docs(path)
         assert docs, path
         if path.name not in ("kustomization.yaml", "secret.example.yaml"):
-            assert path.name in kustomization["resources"], f"{path.name} is not in kustomization.yaml"
+            assert path.name in kustomization["resources"], (
+                f"{path.name} is not in kustomization.yaml"
+            )
     # The example Secret would overwrite real keys on every apply.
     assert "secret.example.yaml" not in kustomization["resources"]
 
@@ -360,7 +367,9 @@ def test_dashboard_uses_a_datasource_variable(dashboard: dict[str, Any]) -> None
         assert variables[name]["allValue"] == ".*"
 
 
-def test_every_dashboard_panel_has_promql_on_the_variable_datasource(dashboard: dict[str, Any]) -> None:
+def test_every_dashboard_panel_has_promql_on_the_variable_datasource(
+    dashboard: dict[str, Any],
+) -> None:
     panels = dashboard_panels(dashboard)
     assert len(panels) >= 20
     ids = [p["id"] for p in dashboard["panels"]]
@@ -413,7 +422,9 @@ def test_label_matchers_use_labels_the_metrics_have() -> None:
             base = re.sub(r"_(bucket|sum|count)$", "", metric)
             if base not in CONTRACT_LABELS:
                 continue
-            allowed = CONTRACT_LABELS[base] | SCRAPE_LABELS | ({"le"} if base in HISTOGRAMS else set())
+            allowed = (
+                CONTRACT_LABELS[base] | SCRAPE_LABELS | ({"le"} if base in HISTOGRAMS else set())
+            )
             used = set(re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", strip_strings(matchers)))
             assert used <= allowed, f"{where}: {metric} has no label(s) {sorted(used - allowed)}"
 
@@ -424,7 +435,9 @@ def test_every_recording_rule_is_read_by_the_dashboard_or_an_alert() -> None:
     rule_bodies = " ".join(e for w, e in rule_expressions() if ":record:" in w)
     for name in recorded_names():
         assert name in readers or name in rule_bodies, f"{name} is recorded but never read"
-        assert re.search(r"(?<![\w:])" + re.escape(name) + r"(?![\w:])", readers + " " + rule_bodies)
+        assert re.search(
+            r"(?<![\w:])" + re.escape(name) + r"(?![\w:])", readers + " " + rule_bodies
+        )
     dashboard_text = " ".join(e for w, e in dashboard_expressions())
     # The heavy rate panels read recorded series rather than the raw counters.
     for name in (
@@ -490,7 +503,9 @@ def test_alerts_have_severity_summary_description_and_runbook() -> None:
         assert annotations["summary"].strip() and annotations["description"].strip()
         assert "Runbook:" in annotations["description"], rule["alert"]
         anchor = annotations["runbook_url"].split("#", 1)[1]
-        assert f"### {rule['alert'].lower()}" in readme, f"README has no section for {rule['alert']}"
+        assert f"### {rule['alert'].lower()}" in readme, (
+            f"README has no section for {rule['alert']}"
+        )
         assert anchor == rule["alert"].lower()
 
 
@@ -505,7 +520,11 @@ def test_every_alert_has_a_firing_and_a_quiet_unit_test() -> None:
     assert names - fires == set(), "alerts without a firing test"
     assert names - quiet == set(), "alerts without a not-firing test"
     # Recording groups evaluate before alert groups, or the tests flake (see the file header).
-    groups = [g["name"] for f in ("recording.yml", "alerts.yml") for g in load_yaml(PROM_DIR / f)["groups"]]
+    groups = [
+        g["name"]
+        for f in ("recording.yml", "alerts.yml")
+        for g in load_yaml(PROM_DIR / f)["groups"]
+    ]
     assert tests["group_eval_order"] == groups
 
 

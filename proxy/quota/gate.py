@@ -144,6 +144,16 @@ class Gate:
         self._key_limits: dict[str, KeyConfig] = {
             key_id_of(k.key_sha256 or sha256_hex(k.key or "")): k for k in config.keys if k.values()}
 
+    def adopt(self, old: Gate) -> None:
+        """Take over a previous gate's fail-open state on reload, so no usage delta is lost."""
+        self._local = old._local
+        self._replay = old._replay
+        self._store_down_until = old._store_down_until
+        self._failures = old._failures
+        for name, slot in old._slots.items():
+            if name in self._slots and self._slots[name].limit == slot.limit:
+                self._slots[name] = slot
+
     # ------------------------------------------------------------ limits
     def plan_of(self, subject: Subject) -> PlanConfig:
         return self.config.plans.get(subject.plan) or self.config.plans[self.config.default_plan]
@@ -369,12 +379,6 @@ class Gate:
     @property
     def pending_replays(self) -> int:
         return len(self._replay)
-
-    async def replay_loop(self) -> None:
-        while True:
-            await asyncio.sleep(0.5)
-            if self._replay:
-                await self.replay_pending()
 
     # ------------------------------------------------------------ in-stream enforcement
     def overrun(self, ticket: Ticket, tap: StreamTap, tokenizer: object, model: str) -> ProxyError | None:
