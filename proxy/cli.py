@@ -113,7 +113,7 @@ def _run_server(config: Config, config_path: str, host: str, port: int, reuse_po
     async def on_startup(app: web.Application) -> None:
         loop = asyncio.get_running_loop()
         # SIGHUP reloads the config; a bad file is logged and the running config kept.
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(app[RELOAD]()))
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(app[RELOAD]()))
         log.info("listening on http://%s:%d (pid %d)", host, port, os.getpid())
 
     app.on_startup.append(on_startup)
