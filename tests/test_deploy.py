@@ -38,7 +38,12 @@ except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.
         substitute_variables,
     )
 
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.parser import text_string_to_metric_families
+
 from proxy.config import parse_config
+from proxy.metrics import Metrics
 
 REPO = DEPLOY_DIR.parent
 PROM_DIR = DEPLOY_DIR / "prometheus"
@@ -414,6 +419,30 @@ def test_dashboard_and_rules_select_only_known_metrics() -> None:
     for where, expr in all_promql_expressions():
         unknown = metric_names(expr) - known
         assert not unknown, f"{where}: unknown metric(s) {sorted(unknown)} in {expr}"
+
+
+def test_the_proxy_exports_the_metrics_and_labels_the_deploy_files_assume() -> None:
+    """CONTRACT_LABELS above is what the rules and the dashboard are checked against."""
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    wrappers = {
+        next(iter(m.describe())).name: m
+        for m in vars(metrics).values()
+        if isinstance(m, MetricWrapperBase)
+    }
+    for name, labels in CONTRACT_LABELS.items():
+        family = name.removesuffix("_total")
+        assert family in wrappers, f"the proxy does not define {name}"
+        if labels:
+            wrappers[family].labels(**{label: "x" for label in labels})
+    exposed: dict[str, set[str]] = {}
+    for exposed_family in text_string_to_metric_families(generate_latest(registry).decode()):
+        for sample in exposed_family.samples:
+            exposed[sample.name] = set(sample.labels) - {"le"}
+    for name, labels in CONTRACT_LABELS.items():
+        sample_name = f"{name}_count" if name in HISTOGRAMS else name
+        got = exposed.get(sample_name)
+        assert got == labels, f"{sample_name}: {got} != {labels}"
 
 
 def test_label_matchers_use_labels_the_metrics_have() -> None:
