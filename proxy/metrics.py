@@ -95,6 +95,8 @@ class Metrics:
         self.tokenizer_fallback = Gauge("meterproxy_tokenizer_fallback",
                                         "1 when tiktoken could not load and counts come from byte length.",
                                         registry=r, **({"multiprocess_mode": "max"} if multiprocess else {}))  # type: ignore[arg-type]
+        for op in ("admit", "settle", "replay"):
+            self.store_errors.labels(op)  # present at 0, so a first failure shows up as a rate
         self._children: dict[tuple[str, str, str, str], _Children] = {}
         self._sources = {s: self.count_source.labels(s) for s in ("provider", "tokenizer", "estimate")}
 

@@ -181,8 +181,26 @@ async def _settle_and_record(svc: Services, f: Flight, t_end: float) -> None:
         error=f.error or (got.error if got else None),
     )
     await svc.gate.settle(f.ticket, rec)  # one store round trip: reservation → actual, aggregates
+    kind = _upstream_error_kind(f, got)
+    if kind is not None:
+        svc.metrics.upstream_errors.labels(f.adapter.name, kind).inc()
     svc.metrics.observe(rec, overhead)
     svc.ledger.write(rec)
+
+
+def _upstream_error_kind(f: Flight, got: Relayed | None) -> str | None:
+    """How the upstream failed, if it did: for meterproxy_upstream_errors_total{kind}."""
+    if f.error in ("upstream_unreachable", "upstream_timeout"):
+        return "unreachable" if f.error == "upstream_unreachable" else "timeout"
+    if got is None:
+        return None
+    if got.status >= 500 or got.status == 429:
+        return f"status_{got.status}"
+    if got.cut_short and not got.client_gone:
+        return "stream_cut" if got.error != "upstream_timeout" else "stream_idle"
+    if got.error:
+        return "stream_error"
+    return None
 
 
 __all__ = ["handle", "StreamTap"]

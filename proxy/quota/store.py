@@ -111,3 +111,96 @@ class QuotaStore(Protocol):
     async def usage(self, limits: tuple[Limit, ...], tag: str, now: float, day: str, month: str) -> tuple[LimitState, ...]:
         """Read-only view of the same counters (admin API)."""
         ...
+
+
+# ---------------------------------------------------------------- usage aggregates and stored keys
+# Aggregates: one hash per (UTC-or-configured-zone day, user, team) with a field per (measure,
+# model); `settle_and_record` settles a reservation and adds one finished request to its hash in
+# the same atomic round trip, once per event id (a replayed event changes nothing). A per-day index
+# lists the hashes, so usage queries read a handful of hashes and never scan the ledger.
+
+MEASURES = ("requests", "input_tokens", "output_tokens", "cached_input_tokens",
+            "cache_write_tokens", "reasoning_tokens", "cost_micro_usd")
+
+
+@dataclass(frozen=True, slots=True)
+class Totals:
+    """Counts of one aggregate cell (or a sum of cells); money in micro-dollars."""
+
+    requests: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+    cost_micro_usd: int = 0
+
+    @property
+    def tokens(self) -> int:
+        """Billed tokens (reasoning is part of output, never added again)."""
+        return self.input_tokens + self.cached_input_tokens + self.cache_write_tokens + self.output_tokens
+
+    def values(self) -> tuple[int, ...]:
+        return tuple(getattr(self, m) for m in MEASURES)
+
+    def __add__(self, other: Totals) -> Totals:
+        return Totals(*(a + b for a, b in zip(self.values(), other.values(), strict=True)))
+
+
+@dataclass(frozen=True, slots=True)
+class AggregateDelta:
+    """One finished request as the aggregates see it. `tag` is the admission's hash tag."""
+
+    event_id: str
+    tag: str
+    day: str  # YYYY-MM-DD in the configured zone (the zone budgets use)
+    user: str
+    team: str | None
+    model: str
+    totals: Totals
+
+
+@dataclass(frozen=True, slots=True)
+class AggregateRow:
+    """One aggregate cell read back: a (day, user, team, model) and its totals."""
+
+    day: str
+    user: str
+    team: str | None
+    model: str
+    totals: Totals
+
+
+@dataclass(frozen=True, slots=True)
+class StoredKey:
+    """A virtual key created through the admin API or CLI: only its sha256 is kept."""
+
+    key_id: str  # short non-secret id (digest prefix), what `revoke` takes
+    digest: str
+    user: str
+    team: str | None = None
+    plan: str | None = None
+    trusted: bool = False
+    created: float = 0.0
+
+
+class UsageStore(Protocol):
+    """What the usage ledger, admin API and CLI need from a store beyond admit and settle."""
+
+    async def settle_and_record(self, reservation: Reservation | None, usage: AggregateDelta,
+                                now: float) -> bool:
+        """Settle `reservation` (if any, and only if not settled yet) to `usage`'s tokens and cost
+        and add `usage` to its aggregate, atomically and in one round trip. Once per event id:
+        returns False, changing nothing, for an event already recorded."""
+        ...
+
+    async def aggregates(self, days: tuple[str, ...], user: str | None = None,
+                         team: str | None = None) -> tuple[AggregateRow, ...]: ...
+
+    async def put_key(self, key: StoredKey) -> None: ...
+
+    async def get_key(self, digest: str) -> StoredKey | None: ...
+
+    async def list_keys(self) -> tuple[StoredKey, ...]: ...
+
+    async def revoke_key(self, key_id: str) -> StoredKey | None: ...
