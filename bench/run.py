@@ -264,9 +264,9 @@ def table(summary: dict[str, dict[str, float]], targets: list[Target], plan: Pla
     head = (
         f"| target | RPS @{plan.conns} | × floor | p50 @1 (ms) | p99 @1 (ms) | added p50 / p99 (ms) "
         f"| streams/s @{plan.stream_conns} | × floor | TTFT p50 @{plan.stream_conns} (ms) "
-        "| CPU ms/req | CPU ms/stream | RSS (MiB) | status |"
+        f"| CPU ms/req | CPU ms/stream | busy @{plan.conns} | RSS (MiB) | status |"
     )
-    lines = [head, "|" + "---|" * 13]
+    lines = [head, "|" + "---|" * 14]
     for t in targets:
         r = summary[t.name]
         added_cell = "—" if t.name == "direct" else (
@@ -276,7 +276,8 @@ def table(summary: dict[str, dict[str, float]], targets: list[Target], plan: Pla
             f"| {fmt(r['p50_ms'], 2)} | {fmt(r['p99_ms'], 2)} | {added_cell} "
             f"| {fmt(r['streams_per_s'])} | {fmt(r.get('stream_x_floor', math.nan), 2)} "
             f"| {fmt(r['ttft_p50_ms'], 2)} | {fmt(r['cpu_ms_per_req'], 3)} "
-            f"| {fmt(r['cpu_ms_per_stream'], 3)} | {fmt(r['rss_mib'], 0)} "
+            f"| {fmt(r['cpu_ms_per_stream'], 3)} | {fmt(r['cpu_util_rps'] * 100, 0, '%')} "
+            f"| {fmt(r['rss_mib'], 0)} "
             f"| {'ok' if not t.failures else 'FAILED'} |"
         )
     return "\n".join(lines)

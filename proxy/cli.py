@@ -126,8 +126,8 @@ def _serve_workers(args: argparse.Namespace, host: str, port: int) -> int:
     """N processes on one port (SO_REUSEPORT); metrics merged through a multiprocess directory."""
     mp_dir = tempfile.mkdtemp(prefix="meterproxy-metrics-")
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": mp_dir}
-    cmd = [sys.executable, "-m", "proxy", "serve", "--config", args.config, "--host", host, "--port", str(port),
-           "--reuse-port", "--log-level", args.log_level, "--log-format", args.log_format]
+    cmd = [sys.executable, "-m", "proxy", "--log-level", args.log_level, "--log-format", args.log_format,
+           "serve", "--config", args.config, "--host", host, "--port", str(port), "--reuse-port"]
     children = [subprocess.Popen(cmd, env=env) for _ in range(args.workers)]
     log.info("started %d workers on %s:%d", len(children), host, port)
 

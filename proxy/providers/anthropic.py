@@ -57,8 +57,9 @@ class MessagesTap(StreamTap):
                 msg = obj.get("message")
                 if isinstance(msg, dict):
                     self.usage = anthropic_usage(msg.get("usage"), msg.get("model"), self.usage)
-            else:
-                self.usage = anthropic_usage(obj.get("usage"), None, self.usage)
+            elif isinstance(obj.get("usage"), Mapping):
+                # Cumulative: the final output count (and, on newer APIs, input and cache counts).
+                self.usage = anthropic_usage(obj["usage"], None, self.usage)
                 self._final = True
         elif name == "message_stop" and self._final:
             self.output_usage_final()

@@ -42,7 +42,7 @@ class StreamTap:
     provider never reported usage, so there is no per-chunk JSON parsing or tokenizing.
     """
 
-    __slots__ = ("usage", "_text_events", "_keep_text", "error", "kept_bytes")
+    __slots__ = ("usage", "_text_events", "_keep_text", "error", "kept_bytes", "_covered")
 
     def __init__(self) -> None:
         self.usage: Usage | None = None
@@ -50,6 +50,9 @@ class StreamTap:
         self._keep_text = True
         self.kept_bytes = 0
         self.error: str | None = None  # an error event the upstream sent mid-stream
+        # Kept text events already counted by a cumulative `usage` (servers that report usage on
+        # every chunk): None when the usage seen so far does not cover the text that came with it.
+        self._covered: int | None = None
 
     def on_event(self, ev: SSEEvent) -> bytes | None:
         """Inspect one event; return the bytes to relay (usually `ev.raw`), or None to drop it."""
@@ -72,10 +75,27 @@ class StreamTap:
         """Usage is known for good: stop holding text for a fallback count."""
         self._keep_text = False
         self._text_events.clear()
+        self._covered = None
+
+    def usage_covers_kept_text(self, covers: bool = True) -> None:
+        """The cumulative usage just seen counts every text event kept so far (or, with False, not)."""
+        self._covered = len(self._text_events) if covers else None
+
+    @property
+    def text_beyond_usage(self) -> bool:
+        """True when `unreported_text` is output on top of `usage` (add), not all of it (max)."""
+        return self._covered is not None and self.usage is not None
 
     def output_text(self) -> str:
+        return self._text_of(self._text_events)
+
+    def unreported_text(self) -> str:
+        """Text that no usage seen so far accounts for (all of it, unless usage is cumulative)."""
+        return self._text_of(self._text_events[self._covered or 0 :])
+
+    def _text_of(self, events: list[bytes]) -> str:
         parts: list[str] = []
-        for data in self._text_events:
+        for data in events:
             try:
                 obj = orjson.loads(data)
             except orjson.JSONDecodeError:

@@ -42,11 +42,13 @@ class GenerateTap(StreamTap):
         self._last_usage: bytes | None = None
 
     def on_event(self, ev: SSEEvent) -> bytes | None:
-        if b'"usageMetadata"' in ev.data:
-            self._last_usage = ev.data  # parsed once, at the end: it is cumulative
         if b'"error"' in ev.data[:16]:
             self.error = ev.data.decode("utf-8", "replace")
         self.keep_text(ev.data)
+        if b'"usageMetadata"' in ev.data:
+            # Parsed once, at the end: it is cumulative, and counts this chunk's text too.
+            self._last_usage = ev.data
+            self.usage_covers_kept_text()
         return ev.raw
 
     def finish(self) -> None:
@@ -54,9 +56,11 @@ class GenerateTap(StreamTap):
             try:
                 obj = orjson.loads(self._last_usage)
             except orjson.JSONDecodeError:
-                return
+                obj = None
             if isinstance(obj, dict):
                 self.usage = gemini_usage(obj.get("usageMetadata"), obj.get("modelVersion"))
+        if self.usage is None:
+            self.usage_covers_kept_text(False)  # unreadable after all: count all the text
 
     def collect_text(self, obj: Any, out: list[str]) -> None:
         if not isinstance(obj, dict):

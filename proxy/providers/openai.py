@@ -44,40 +44,49 @@ def openai_kind(method: str, path: str) -> ApiKind:
 
 
 class ChatTap(StreamTap):
-    """Chat and legacy completions streams: usage arrives in a chunk of its own (or in every one)."""
+    """Chat and legacy completions streams: usage arrives in a chunk of its own (or in every one).
 
-    __slots__ = ("strip", "model")
+    Servers that repeat cumulative usage on every chunk (vLLM, Groq's x_groq) are not parsed per
+    chunk: the last such chunk is kept and read once, at the end.
+    """
+
+    __slots__ = ("strip", "model", "_last_usage")
 
     def __init__(self, strip: bool) -> None:
         super().__init__()
         self.strip = strip
         self.model: str | None = None
+        self._last_usage: bytes | None = None
 
     def on_event(self, ev: SSEEvent) -> bytes | None:
         data = ev.data
         if data[:6] == b"[DONE]":
             return ev.raw
         if _HAS_USAGE.search(data):
-            try:
-                obj = orjson.loads(data)
-            except orjson.JSONDecodeError:
-                return ev.raw
-            u = obj.get("usage") if isinstance(obj, dict) else None
-            if u is None and isinstance(obj, dict) and isinstance(obj.get("x_groq"), dict):
-                u = obj["x_groq"].get("usage")
-            usage = openai_usage(u, obj.get("model") if isinstance(obj, dict) else None)
-            if usage is not None:
-                self.usage = usage  # cumulative where servers repeat it: keep the last
-                if _EMPTY_CHOICES.search(data):
+            if _EMPTY_CHOICES.search(data):
+                usage = _chunk_usage(data)
+                if usage is not None:  # the usage-only chunk: final, once per stream
+                    self.usage = usage
+                    self._last_usage = None
                     self.output_usage_final()
                     return None if self.strip else ev.raw
+            # Cumulative usage riding on a content chunk: it counts this chunk's text too.
             self.keep_text(data)
+            self._last_usage = data
+            self.usage_covers_kept_text()
             return ev.raw
         if b'"error"' in data[:16]:
             self.error = data.decode("utf-8", "replace")
         self.keep_text(data)
         # Without the client's include_usage, chunks would carry no `"usage":null`.
         return _USAGE_NULL.sub(b"", ev.raw) if self.strip else ev.raw
+
+    def finish(self) -> None:
+        if self._last_usage is not None and self.usage is None:
+            self.usage = _chunk_usage(self._last_usage)
+            if self.usage is None:
+                self.usage_covers_kept_text(False)  # unreadable after all: count all the text
+        self._last_usage = None
 
     def collect_text(self, obj: Any, out: list[str]) -> None:
         if not isinstance(obj, dict):
@@ -99,6 +108,20 @@ class ChatTap(StreamTap):
                 fn = call.get("function") if isinstance(call, dict) else None
                 if isinstance(fn, dict):
                     out.extend(v for v in (fn.get("name"), fn.get("arguments")) if isinstance(v, str))
+
+
+def _chunk_usage(data: bytes) -> Usage | None:
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(obj, dict):
+        return None
+    u = obj.get("usage")
+    if u is None and isinstance(obj.get("x_groq"), dict):
+        u = obj["x_groq"].get("usage")
+    model = obj.get("model")
+    return openai_usage(u, model if isinstance(model, str) else None)
 
 
 class ResponsesTap(StreamTap):

@@ -3,6 +3,7 @@ Redis store: which counters an admission touches, how a decision and its limit s
 """
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -10,13 +11,18 @@ from datetime import UTC, date, datetime, timedelta, tzinfo
 from enum import StrEnum
 
 from proxy.quota.store import (
+    MEASURES,
     MONEY_LIMITS,
     Admission,
+    AggregateDelta,
+    AggregateRow,
     Decision,
     Limit,
     LimitName,
     LimitState,
     Reservation,
+    StoredKey,
+    Totals,
 )
 
 WINDOW_SECONDS = 60
@@ -261,6 +267,54 @@ def reservation_of(admission: Admission) -> Reservation:
                        admission.cost_micro_usd, admission.now, admission.day, admission.month)
 
 
+# ---------------------------------------------------------------- usage aggregates (shared with redis)
+# An event's seen marker lives this long: a replay of it later than this would count it again.
+# One small key per request per day (~100 bytes in Redis), the price of exactly-once.
+SEEN_TTL_SECONDS = 86400
+# Aggregates are the usage history reports and forecasts read: kept for a bit over a year.
+AGG_TTL_SECONDS = 400 * 86400
+
+
+def seen_key(tag: str, event_id: str) -> str:
+    return f"{hash_tag(tag)}:seen:{event_id}"
+
+
+def aggregate_key(tag: str, day: str, user: str, team: str | None) -> str:
+    """The hash of one (day, user, team), under the admission's hash tag (JSON keeps it unambiguous)."""
+    return f"{hash_tag(tag)}:agg:{day}:" + json.dumps([user, team], separators=(",", ":"))
+
+
+def index_key(day: str) -> str:
+    """The day's index of aggregate hashes (no hash tag: it lists every subject's)."""
+    return f"agg-index:{day}"
+
+
+def index_member(tag: str, user: str, team: str | None) -> str:
+    return json.dumps([tag, user, team], separators=(",", ":"))
+
+
+def parse_index_member(member: str | bytes) -> tuple[str, str, str | None]:
+    tag, user, team = json.loads(member)
+    return str(tag), str(user), None if team is None else str(team)
+
+
+def aggregate_fields(usage: AggregateDelta) -> list[tuple[str, int]]:
+    """Hash field `measure|model` -> increment, for the measures this event has (requests always)."""
+    return [(f"{m}|{usage.model}", v) for m, v in zip(MEASURES, usage.totals.values(), strict=True)
+            if v or m == "requests"]
+
+
+def aggregate_rows(day: str, user: str, team: str | None,
+                   fields: Mapping[str, int]) -> list[AggregateRow]:
+    """One hash read back as rows, one per model."""
+    by_model: dict[str, dict[str, int]] = {}
+    for name, value in fields.items():
+        measure, _, model = name.partition("|")
+        if measure in MEASURES:
+            by_model.setdefault(model, {})[measure] = int(value)
+    return [AggregateRow(day, user, team, model, Totals(**vals)) for model, vals in sorted(by_model.items())]
+
+
 class MemoryStore:
     """The quota store in this process's memory: exact, but shared by nobody else.
 
@@ -277,6 +331,11 @@ class MemoryStore:
         self._expires: dict[str, float] = {}  # counter key -> expiry
         self._sweep_interval = sweep_interval_seconds
         self._next_sweep = -math.inf
+        # usage aggregates: day -> (user, team) -> "measure|model" -> count; see `settle_and_record`
+        self._aggs: dict[str, dict[tuple[str, str | None], dict[str, int]]] = {}
+        self._seen: dict[str, float] = {}  # seen-marker key -> expiry
+        self._next_seen_sweep = -math.inf
+        self._keys: dict[str, StoredKey] = {}  # digest -> key created through the admin API
 
     async def start(self) -> None:
         return None
@@ -423,3 +482,50 @@ class MemoryStore:
                 return  # the period's counter is gone: nothing to refund
             self._expires[key] = now + counter.ttl_seconds
         self._periods[key] = max(0, self._periods.get(key, 0) + delta)
+
+    # ------------------------------------------------------------ usage aggregates and keys
+    async def settle_and_record(self, reservation: Reservation | None, usage: AggregateDelta,
+                                now: float) -> bool:
+        self._sweep_seen(now)
+        marker = seen_key(usage.tag, usage.event_id)
+        if self._seen.get(marker, -math.inf) > now:
+            return False
+        self._seen[marker] = now + SEEN_TTL_SECONDS
+        if reservation is not None:
+            # settle() never suspends, so the settle and the aggregate update stay one atomic step
+            await self.settle(reservation, usage.totals.tokens, usage.totals.cost_micro_usd, now)
+        cell = self._aggs.setdefault(usage.day, {}).setdefault((usage.user, usage.team), {})
+        for name, value in aggregate_fields(usage):
+            cell[name] = cell.get(name, 0) + value
+        return True
+
+    async def aggregates(self, days: tuple[str, ...], user: str | None = None,
+                         team: str | None = None) -> tuple[AggregateRow, ...]:
+        rows: list[AggregateRow] = []
+        for day in days:
+            for (u, t), fields in self._aggs.get(day, {}).items():
+                if (user is None or u == user) and (team is None or t == team):
+                    rows += aggregate_rows(day, u, t, fields)
+        return tuple(rows)
+
+    async def put_key(self, key: StoredKey) -> None:
+        self._keys[key.digest] = key
+
+    async def get_key(self, digest: str) -> StoredKey | None:
+        return self._keys.get(digest)
+
+    async def list_keys(self) -> tuple[StoredKey, ...]:
+        return tuple(sorted(self._keys.values(), key=lambda k: k.created))
+
+    async def revoke_key(self, key_id: str) -> StoredKey | None:
+        for digest, key in list(self._keys.items()):
+            if key.key_id == key_id:
+                return self._keys.pop(digest)
+        return None
+
+    def _sweep_seen(self, now: float) -> None:
+        if now < self._next_seen_sweep:
+            return
+        self._next_seen_sweep = now + self._sweep_interval
+        for marker in [k for k, t in self._seen.items() if t <= now]:
+            del self._seen[marker]

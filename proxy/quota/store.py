@@ -95,24 +95,6 @@ class Decision:
     shadow_denied: tuple[Limit, ...] = ()  # enforce=False limits that would have refused
 
 
-class QuotaStore(Protocol):
-    async def start(self) -> None: ...
-
-    async def close(self) -> None: ...
-
-    async def ping(self) -> bool: ...
-
-    async def admit(self, admission: Admission) -> Decision: ...
-
-    async def settle(
-        self, reservation: Reservation, tokens: int, cost_micro_usd: int, now: float
-    ) -> bool: ...
-
-    async def usage(self, limits: tuple[Limit, ...], tag: str, now: float, day: str, month: str) -> tuple[LimitState, ...]:
-        """Read-only view of the same counters (admin API)."""
-        ...
-
-
 # ---------------------------------------------------------------- usage aggregates and stored keys
 # Aggregates: one hash per (UTC-or-configured-zone day, user, team) with a field per (measure,
 # model); `settle_and_record` settles a reservation and adds one finished request to its hash in
@@ -204,3 +186,21 @@ class UsageStore(Protocol):
     async def list_keys(self) -> tuple[StoredKey, ...]: ...
 
     async def revoke_key(self, key_id: str) -> StoredKey | None: ...
+
+
+class QuotaStore(UsageStore, Protocol):
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> bool: ...
+
+    async def admit(self, admission: Admission) -> Decision: ...
+
+    async def settle(
+        self, reservation: Reservation, tokens: int, cost_micro_usd: int, now: float
+    ) -> bool: ...
+
+    async def usage(self, limits: tuple[Limit, ...], tag: str, now: float, day: str, month: str) -> tuple[LimitState, ...]:
+        """Read-only view of the same counters (admin API)."""
+        ...

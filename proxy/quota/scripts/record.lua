@@ -1,0 +1,61 @@
+--[[ record.lua: one finished request, once: settle its reservation (if it had one) and add its
+usage to the aggregate hash of its (day, user, team), in one atomic call.
+
+Exactly-once per event id: the seen marker is set first (SET NX); if it already exists the event
+was recorded before (a replay after a lost reply or a store outage) and nothing changes. The
+settle part is settle.lua's, kept in step with it: the reservation record is deleted first and
+counters are adjusted only if it still existed, never below 0.
+
+KEYS[1]        the event's seen marker
+KEYS[2]        the reservation record (may be absent: a refused request has none)
+KEYS[3]        the aggregate hash of (day, user, team)
+KEYS[4..n+3]   the reservation's n distinct counters (n = 0 without a reservation)
+All keys carry the admission's hash tag.
+ARGV[1]  now          unix seconds (the proxy's clock)
+ARGV[2]  request_id   the lease member to release
+ARGV[3]  seen_ttl     seconds
+ARGV[4]  agg_ttl      seconds
+ARGV[5]  n            counters
+ARGV[6]  f            aggregate fields
+then n quadruples as in settle.lua: kind ("w" | "p" | "l"), delta, bucket second, ttl seconds
+then f pairs: field ("measure|model"), increment
+
+Returns {recorded (1 | 0 if seen before), settled (1 | 0)}.
+]]
+
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[3]) then return {0, 0} end
+
+local n = tonumber(ARGV[5])
+local f = tonumber(ARGV[6])
+local settled = 0
+if n > 0 and redis.call('DEL', KEYS[2]) == 1 then
+  settled = 1
+  local low = math.floor(tonumber(ARGV[1])) - 59
+  for i = 1, n do
+    local a = 6 + (i - 1) * 4
+    local kind, delta, bucket, ttl = ARGV[a + 1], tonumber(ARGV[a + 2]), ARGV[a + 3], ARGV[a + 4]
+    local key = KEYS[i + 3]
+    if kind == 'l' then
+      redis.call('ZREM', key, ARGV[2])
+    elseif delta ~= 0 then
+      if kind == 'w' then
+        if tonumber(bucket) >= low then
+          local v = redis.call('HINCRBY', key, bucket, ARGV[a + 2])
+          if v <= 0 then redis.call('HDEL', key, bucket) end
+          if redis.call('TTL', key) < 0 then redis.call('EXPIRE', key, ttl) end
+        end
+      elseif delta > 0 or redis.call('EXISTS', key) == 1 then
+        local v = redis.call('INCRBY', key, ARGV[a + 2])
+        if v < 0 then redis.call('SET', key, '0', 'KEEPTTL') end
+        if redis.call('TTL', key) < 0 then redis.call('EXPIRE', key, ttl) end
+      end
+    end
+  end
+end
+
+local base = 6 + n * 4
+for j = 1, f do
+  redis.call('HINCRBY', KEYS[3], ARGV[base + (j - 1) * 2 + 1], ARGV[base + (j - 1) * 2 + 2])
+end
+redis.call('EXPIRE', KEYS[3], ARGV[4])
+return {1, settled}
