@@ -27,6 +27,7 @@ from .quota.gate import Gate
 from .quota.memory import MemoryStore
 from .quota.redis_store import RedisStore
 from .quota.store import QuotaStore
+from .resilience import Breaker
 from .route import Router
 from .services import SERVICES, TRACKER, Live, Services, Tracker
 from .tokens import Tokenizer
@@ -102,8 +103,9 @@ def build_services(config: Config, config_path: str, old: Services) -> Services:
     adapters = {name: build_adapter(name, p) for name, p in config.providers.items()}
     keys = KeyRing(config)
     keys.adopt(old.keys)
+    breakers = {name: old.breakers.get(name) or Breaker(p.circuit_breaker) for name, p in config.providers.items()}
     return Services(config, adapters, Router(config, adapters), keys, tok, prices, gate, old.session,
-                    old.metrics, old.ledger, ZoneInfo(config.timezone))
+                    old.metrics, old.ledger, ZoneInfo(config.timezone), breakers)
 
 
 async def reload(app: web.Application) -> str | None:
@@ -147,8 +149,9 @@ def _services_ctx(tokenizer: Tokenizer | None):  # type: ignore[no-untyped-def]
         await ledger.start()
         adapters = {name: build_adapter(name, p) for name, p in config.providers.items()}
         live = app[SERVICES]
+        breakers = {name: Breaker(p.circuit_breaker) for name, p in config.providers.items()}
         live.services = Services(config, adapters, Router(config, adapters), KeyRing(config), tok, prices, gate,
-                                 session, metrics, ledger, tz)
+                                 session, metrics, ledger, tz, breakers)
         replay = asyncio.get_running_loop().create_task(_replay_loop(live))
         log.info("meterproxy ready: %d providers, store %s", len(adapters),
                  "memory" if config.store == "memory" else "redis")

@@ -6,16 +6,20 @@ ever compared byte by byte.
 from __future__ import annotations
 
 import hashlib
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from multidict import CIMultiDictProxy, MultiMapping
 
 from .config import Config, Limits
-from .errors import Unauthorized
+from .errors import StoreError, StoreUnavailable, Unauthorized
+from .quota.store import StoredKey, UsageStore
 from .records import Subject
 
 END_USER_HEADER = "x-meterproxy-user"
+KEY_PREFIX = "mp-"  # store-created keys start with this (config keys are whatever ops chose)
+_MAX_CACHED_KEYS = 100_000
 
 
 def sha256_hex(key: str) -> str:
@@ -52,12 +56,21 @@ def presented_key(headers: CIMultiDictProxy[str], query: MultiMapping[str]) -> s
 
 
 class KeyRing:
-    """Digest → key entry, from the config (and, later, keys created in the store)."""
+    """Digest → key entry: the config's keys in memory, keys created through the admin API or CLI
+    in the store.
 
-    def __init__(self, config: Config) -> None:
+    A store-created key is looked up in the store on every request that presents it (one HGET):
+    that is what makes creating and revoking a key take effect on every replica at once, with no
+    cache to invalidate. Config keys never touch the store. When the store is down, a key this
+    process has already seen keeps working if `on_store_failure` is open (it was valid a moment
+    ago), and unknown keys get 503, not 401: the key may well be valid.
+    """
+
+    def __init__(self, config: Config, store: UsageStore | None = None) -> None:
         self._config = config
+        self._store = store
         self._by_digest: dict[str, KeyEntry] = {}
-        self._extra: dict[str, KeyEntry] = {}  # learned outside the config
+        self._extra: dict[str, KeyEntry] = {}  # store-created keys seen lately (outage fallback)
         for k in config.keys:
             digest = k.key_sha256 or sha256_hex(k.key or "")
             own = k if k.values() else None
@@ -66,26 +79,47 @@ class KeyRing:
     def adopt(self, old: KeyRing) -> None:
         """Keep keys a previous ring learned outside the config (store-created keys)."""
         for digest, entry in old._extra.items():
-            self._by_digest.setdefault(digest, entry)
-            self._extra[digest] = entry
+            self._extra.setdefault(digest, entry)
 
     def add(self, digest: str, entry: KeyEntry) -> None:
-        self._by_digest[digest] = entry
         self._extra[digest] = entry
 
     def remove(self, digest: str) -> None:
-        self._by_digest.pop(digest, None)
         self._extra.pop(digest, None)
 
     def entries(self) -> Mapping[str, KeyEntry]:
+        """The config's keys (store-created ones live in the store: `list_keys`)."""
         return self._by_digest
+
+    def config_key_ids(self) -> frozenset[str]:
+        return frozenset(e.key_id for e in self._by_digest.values())
 
     async def lookup(self, key: str | None) -> KeyEntry:
         if not key:
             raise Unauthorized("Missing API key: send your meterproxy virtual key as your SDK's API key.")
-        entry = self._by_digest.get(sha256_hex(key))
-        if entry is None:
+        digest = sha256_hex(key)
+        entry = self._by_digest.get(digest)
+        if entry is not None:
+            return entry
+        if self._store is None:
+            entry = self._extra.get(digest)
+            if entry is None:
+                raise Unauthorized("Invalid API key: this key is not known to meterproxy.")
+            return entry
+        try:
+            stored = await self._store.get_key(digest)
+        except StoreError as e:
+            cached = self._extra.get(digest)
+            if cached is not None and self._config.on_store_failure == "open":
+                return cached
+            raise StoreUnavailable("The key store is unreachable, so this key cannot be checked; try again "
+                                   "shortly.", headers={"retry-after": "1"}) from e
+        if stored is None:
+            self._extra.pop(digest, None)  # revoked (or never existed)
             raise Unauthorized("Invalid API key: this key is not known to meterproxy.")
+        entry = KeyEntry(stored.key_id, stored.user, stored.team, stored.plan, stored.trusted)
+        if digest in self._extra or len(self._extra) < _MAX_CACHED_KEYS:
+            self._extra[digest] = entry
         return entry
 
     def subject(self, entry: KeyEntry, end_user: str | None) -> Subject:
@@ -97,3 +131,11 @@ class KeyRing:
         team = (ucfg.team if ucfg and ucfg.team else None) or entry.team
         plan = (ucfg.plan if ucfg and ucfg.plan else None) or entry.plan or self._config.default_plan
         return Subject(user=user, team=team, plan=plan, key_id=entry.key_id, trusted=entry.trusted)
+
+
+def new_key(user: str, team: str | None = None, plan: str | None = None, trusted: bool = False,
+            now: float = 0.0) -> tuple[str, StoredKey]:
+    """A fresh random virtual key and the record the store keeps of it (its sha256, never itself)."""
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    digest = sha256_hex(key)
+    return key, StoredKey(key_id_of(digest), digest, user, team, plan, trusted, now)

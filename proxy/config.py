@@ -42,6 +42,20 @@ class Timeouts(_Model):
     idle: float = Field(120.0, gt=0, description="seconds a stream may go silent")
 
 
+class Retries(_Model):
+    """Retries happen only before anything was sent to the client."""
+
+    attempts: int = Field(2, ge=0, le=10, description="extra attempts after the first")
+    backoff: float = Field(0.2, ge=0, description="first backoff in seconds; doubles, with jitter")
+    deadline: float = Field(30.0, gt=0, description="no new attempt after this many seconds")
+    on_status: list[int] = Field(default_factory=lambda: [429, 500, 502, 503, 504, 529])
+
+
+class CircuitBreaker(_Model):
+    failures: int = Field(5, ge=1, description="consecutive failures that open the circuit")
+    reset: float = Field(30.0, gt=0, description="seconds open before one trial request")
+
+
 class ProviderConfig(_Model):
     type: Literal["openai", "azure", "anthropic", "gemini"]
     base_url: str
@@ -51,6 +65,10 @@ class ProviderConfig(_Model):
     deployments: dict[str, str] = Field(default_factory=dict)
     timeouts: Timeouts = Field(default_factory=Timeouts)
     max_concurrent: int | None = Field(None, ge=1)
+    retries: Retries = Field(default_factory=Retries)
+    circuit_breaker: CircuitBreaker = Field(default_factory=CircuitBreaker)
+    # Providers (of the same API family) to try next when this one fails before the first byte.
+    fallbacks: list[str] = Field(default_factory=list)
 
     @field_validator("base_url")
     @classmethod
@@ -58,6 +76,13 @@ class ProviderConfig(_Model):
         if not re.match(r"^https?://[^/\s]+", v):
             raise ValueError("must be an http:// or https:// URL")
         return v.rstrip("/")
+
+
+class Deployment(_Model):
+    """One of several providers serving a model, picked by weight."""
+
+    provider: str
+    weight: float = Field(1.0, gt=0)
 
 
 class Limits(_Model):
@@ -152,7 +177,8 @@ class Config(_Model):
     store_timeout: float = Field(0.5, gt=0)
     admin_key: str | None = None
     providers: dict[str, ProviderConfig]
-    models: dict[str, str] = Field(default_factory=dict)
+    # model glob -> provider, or weighted deployments: [{provider: openai, weight: 3}, {provider: azure}]
+    models: dict[str, str | list[Deployment]] = Field(default_factory=dict)
     default_provider: str | None = None
     pricing_file: str | None = "config/pricing.yaml"
     prices: dict[str, Any] = Field(default_factory=dict)
@@ -192,9 +218,17 @@ class Config(_Model):
 
     @model_validator(mode="after")
     def _references(self) -> Config:
-        for glob, provider in self.models.items():
-            if provider not in self.providers:
-                raise ValueError(f"models.{glob}: unknown provider {provider!r}")
+        for glob, target in self.models.items():
+            for provider in [target] if isinstance(target, str) else [d.provider for d in target]:
+                if provider not in self.providers:
+                    raise ValueError(f"models.{glob}: unknown provider {provider!r}")
+        families = {"openai": "openai", "azure": "openai", "anthropic": "anthropic", "gemini": "gemini"}
+        for name, p in self.providers.items():
+            for fb in p.fallbacks:
+                if fb not in self.providers or fb == name:
+                    raise ValueError(f"providers.{name}.fallbacks: unknown provider {fb!r}")
+                if families[self.providers[fb].type] != families[p.type]:
+                    raise ValueError(f"providers.{name}.fallbacks: {fb!r} speaks another API ({self.providers[fb].type})")
         if self.default_provider and self.default_provider not in self.providers:
             raise ValueError(f"default_provider: unknown provider {self.default_provider!r}")
         if self.default_plan not in self.plans:

@@ -38,12 +38,11 @@ def upstream_headers(request: web.Request, adapter: Adapter) -> CIMultiDict[str]
     return headers
 
 
-def upstream_url(adapter: Adapter, strip: int, request: web.Request) -> URL:
+def upstream_url(adapter: Adapter, path: str, request: web.Request) -> URL:
     # Built from the configured base URL only: the client's raw path is appended, never parsed as
     # a URL, so no request line or Host header can point the proxy anywhere else.
     base = URL(adapter.base_url)
-    tail = request.raw_path.split("?", 1)[0][strip:] or "/"
-    return base.with_path(base.raw_path.rstrip("/") + tail, encoded=True).with_query(
+    return base.with_path(base.raw_path.rstrip("/") + (path or "/"), encoded=True).with_query(
         adapter.upstream_query(request.query)
     )
 
@@ -52,7 +51,7 @@ async def send(
     session: aiohttp.ClientSession,
     adapter: Adapter,
     call: Call,
-    strip: int,
+    path: str,
     request: web.Request,
     body: bytes | None,
 ) -> aiohttp.ClientResponse:
@@ -64,7 +63,7 @@ async def send(
         if call.stream
         else aiohttp.ClientTimeout(total=t.read, sock_connect=t.connect)
     )
-    url = upstream_url(adapter, strip, request)
+    url = upstream_url(adapter, path, request)
     try:
         return await session.request(
             request.method,

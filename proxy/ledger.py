@@ -1,8 +1,10 @@
-"""The usage ledger: one JSON line per finished request, written off the request path.
+"""The usage ledger: one event per finished request, written off the request path to its sinks.
 
-`write` only enqueues (never blocks, never raises); one background writer appends batches to the
-JSONL file, fsyncs at an interval, rotates by size, and keeps events it could not write for the
-next try. Only a full queue loses events, and those are counted and logged.
+`write` only enqueues (never blocks, never raises). Each sink (the JSONL file; with the redis
+store, also a capped Redis stream) has one background writer that takes events from the one
+bounded queue in order, keeps whatever it could not write, and retries with a backoff. An event
+leaves the queue once every sink has it; only a full queue loses events, counted and logged.
+The JSONL sink fsyncs at an interval and rotates by size; a restart appends, never truncates.
 """
 from __future__ import annotations
 
@@ -12,15 +14,23 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Sequence
+from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
+from .errors import StoreError
 from .metrics import Metrics
 from .records import UsageRecord
 
 log = logging.getLogger("meterproxy.ledger")
+
+_MAX_BATCH = 1000
+_BACKOFF_FIRST, _BACKOFF_MAX = 0.1, 10.0
+# On shutdown, a sink still failing after this many seconds of retries gives up (and says so).
+_CLOSE_GIVE_UP_SECONDS = 5.0
 
 
 def event_of(rec: UsageRecord) -> dict[str, Any]:
@@ -39,91 +49,65 @@ def event_of(rec: UsageRecord) -> dict[str, Any]:
     }
 
 
-class Ledger:
-    def __init__(self, path: str | None, metrics: Metrics, *, fsync_interval: float = 1.0,
-                 rotate_bytes: int = 100 * 1024 * 1024, queue_size: int = 100_000) -> None:
-        self.path = Path(path) if path else None
-        self.metrics = metrics
-        self.fsync_interval = fsync_interval
-        self.rotate_bytes = rotate_bytes
-        self._queue: deque[bytes] = deque()
-        self._queue_size = queue_size
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._file: Any = None
-        self._last_fsync = 0.0
-        self._closing = False
-        self.written = 0
+class EventStream(Protocol):
+    """A Redis stream to append ledger events to (the redis store implements it)."""
 
-    def write(self, rec: UsageRecord) -> None:
-        if self.path is None:
-            return
-        if len(self._queue) >= self._queue_size:
-            self.metrics.ledger_dropped.inc()
-            log.error("ledger queue full (%d events): dropped event %s", self._queue_size, rec.event_id)
-            return
-        self._queue.append(orjson.dumps(event_of(rec)) + b"\n")
-        self._wake.set()
+    async def append_events(self, events: Sequence[bytes], maxlen: int) -> None: ...
 
-    async def start(self) -> None:
-        if self.path is not None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
+
+class _Sink:
+    """One destination: how far into the shared queue it has written, and how to write."""
+
+    name: str = "sink"
+
+    def __init__(self) -> None:
+        self.done = 0  # events at the head of the queue this sink has written
+        self.task: asyncio.Task[None] | None = None
+
+    async def write(self, lines: list[bytes]) -> None:
+        raise NotImplementedError
 
     async def close(self) -> None:
-        """Drain everything queued, then stop."""
-        self._closing = True
-        self._wake.set()
-        if self._task is not None:
-            await self._task
+        return None
+
+
+class _FileSink(_Sink):
+    name = "file"
+
+    def __init__(self, path: Path, fsync_interval: float, rotate_bytes: int) -> None:
+        super().__init__()
+        self.path = path
+        self.fsync_interval = fsync_interval
+        self.rotate_bytes = rotate_bytes
+        self.closing = False
+        self._file: Any = None
+        self._last_fsync = 0.0
+
+    async def write(self, lines: list[bytes]) -> None:
+        try:
+            await asyncio.to_thread(self._append, b"".join(lines))
+        except OSError as e:
+            self._drop_file()  # reopen next time: the file may have been moved or its disk fixed
+            raise StoreError(f"cannot append to {self.path}: {e}") from e
+
+    async def close(self) -> None:
         if self._file is not None:
             await asyncio.to_thread(self._close_file)
 
-    @property
-    def pending(self) -> int:
-        return len(self._queue)
-
-    async def _run(self) -> None:
-        backoff = 0.1
-        while True:
-            if not self._queue:
-                if self._closing:
-                    return
-                self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.fsync_interval or None)
-            batch = list(self._queue)
-            if not batch:
-                continue
-            try:
-                await asyncio.to_thread(self._append, b"".join(batch))
-            except OSError as e:
-                log.error("ledger write to %s failed (%s); keeping %d events and retrying", self.path, e, len(batch))
-                if self._closing and backoff > 5:
-                    return
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
-                continue
-            backoff = 0.1
-            for _ in batch:
-                self._queue.popleft()
-            self.written += len(batch)
-
     def _append(self, data: bytes) -> None:
-        assert self.path is not None
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "ab")  # noqa: SIM115 - held open across batches
         self._file.write(data)
         self._file.flush()
         now = time.monotonic()
-        if self._closing or now - self._last_fsync >= self.fsync_interval:
+        if self.closing or now - self._last_fsync >= self.fsync_interval:
             os.fsync(self._file.fileno())
             self._last_fsync = now
         if self._file.tell() >= self.rotate_bytes:
             self._rotate()
 
     def _rotate(self) -> None:
-        assert self.path is not None
         os.fsync(self._file.fileno())
         self._file.close()
         self._file = None
@@ -133,7 +117,121 @@ class Ledger:
             n += 1
         os.replace(self.path, target)
 
+    def _drop_file(self) -> None:
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+
     def _close_file(self) -> None:
         os.fsync(self._file.fileno())
         self._file.close()
         self._file = None
+
+
+class _StreamSink(_Sink):
+    name = "redis stream"
+
+    def __init__(self, stream: EventStream, maxlen: int) -> None:
+        super().__init__()
+        self.stream = stream
+        self.maxlen = maxlen
+
+    async def write(self, lines: list[bytes]) -> None:
+        await self.stream.append_events([line.rstrip(b"\n") for line in lines], self.maxlen)
+
+
+class Ledger:
+    def __init__(self, path: str | None, metrics: Metrics, *, fsync_interval: float = 1.0,
+                 rotate_bytes: int = 100 * 1024 * 1024, queue_size: int = 100_000,
+                 stream: EventStream | None = None, stream_maxlen: int = 1_000_000) -> None:
+        self.path = Path(path) if path else None
+        self.metrics = metrics
+        self.fsync_interval = fsync_interval
+        self._sinks: list[_Sink] = []
+        if self.path is not None:
+            self._sinks.append(_FileSink(self.path, fsync_interval, rotate_bytes))
+        if stream is not None:
+            self._sinks.append(_StreamSink(stream, stream_maxlen))
+        self._queue: deque[bytes] = deque()
+        self._queue_size = queue_size
+        self._wake = asyncio.Event()
+        self._closing = False
+        self.written = 0  # events every sink has
+
+    def write(self, rec: UsageRecord) -> None:
+        if not self._sinks:
+            return
+        if len(self._queue) >= self._queue_size:
+            self.metrics.ledger_dropped.inc()
+            log.error("ledger queue full (%d events): dropped event %s", self._queue_size, rec.event_id)
+            return
+        self._queue.append(orjson.dumps(event_of(rec)) + b"\n")
+        self._wake.set()
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sink in self._sinks:
+            sink.task = loop.create_task(self._run(sink))
+
+    async def close(self) -> None:
+        """Drain everything queued to every sink (a sink still failing gives up after a few
+        seconds, logging what it lost), then stop."""
+        self._closing = True
+        for sink in self._sinks:
+            if isinstance(sink, _FileSink):
+                sink.closing = True  # the last batches are fsynced at once
+        self._wake.set()
+        for sink in self._sinks:
+            if sink.task is not None:
+                await sink.task
+            await sink.close()
+
+    @property
+    def pending(self) -> int:
+        """Events some sink has not written yet."""
+        return len(self._queue)
+
+    async def _run(self, sink: _Sink) -> None:
+        backoff = _BACKOFF_FIRST
+        failing_since: float | None = None
+        while True:
+            if sink.done >= len(self._queue):
+                if self._closing:
+                    return
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.fsync_interval or None)
+                continue
+            batch = list(islice(self._queue, sink.done, sink.done + _MAX_BATCH))
+            try:
+                await sink.write(batch)
+            except StoreError as e:
+                now = time.monotonic()
+                failing_since = failing_since or now
+                if self._closing and now - failing_since > _CLOSE_GIVE_UP_SECONDS:
+                    lost = len(self._queue) - sink.done
+                    log.error("ledger %s still failing at shutdown (%s): %d events not written to it",
+                              sink.name, e, lost)
+                    sink.done = len(self._queue)
+                    self._trim()
+                    return
+                log.error("ledger %s write failed (%s); keeping %d events and retrying in %.1fs",
+                          sink.name, e, len(self._queue) - sink.done, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, _BACKOFF_MAX)
+                continue
+            if failing_since is not None:
+                log.warning("ledger %s writes again", sink.name)
+            backoff, failing_since = _BACKOFF_FIRST, None
+            sink.done += len(batch)
+            self._trim()
+
+    def _trim(self) -> None:
+        """Drop the events every sink has written from the head of the queue."""
+        n = min(s.done for s in self._sinks)
+        for _ in range(n):
+            self._queue.popleft()
+        for s in self._sinks:
+            s.done -= n
+        self.written += n

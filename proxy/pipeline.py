@@ -17,11 +17,12 @@ from aiohttp import web
 from .auth import END_USER_HEADER, presented_key
 from .errors import BadRequest, PayloadTooLarge, ProxyError
 from .estimate import Estimate, estimate
-from .forwarding import send
 from .providers import Adapter, Call, StreamTap
 from .quota.gate import Ticket
 from .records import Subject, UsageRecord
 from .relay import Relayed, relay_body, relay_stream
+from .resilience import Attempt, forward
+from .route import Target
 from .services import SERVICES, TRACKER, Services
 from .settle import actual_usage
 
@@ -51,6 +52,7 @@ class Flight:
     status: int = 0
     error: str | None = None
     t_forward: float = 0.0
+    retries: int = 0
     headers: dict[str, str] = field(default_factory=dict)
 
 
@@ -103,7 +105,9 @@ async def _run(request: web.Request, svc: Services, f: Flight) -> web.StreamResp
         if changed or prepared:
             out = orjson.dumps(body)  # only re-serialized when something in it changed
     f.t_forward = time.perf_counter()
-    upstream = await send(svc.session, adapter, call, target.strip, request, out)
+    outcome = await forward(svc.session, _attempts(svc, target, call, est.model, request), svc.breakers, call,
+                            request, out, lambda name, kind: svc.metrics.upstream_errors.labels(name, kind).inc())
+    upstream, f.retries = outcome.upstream, outcome.retries
     # relay
     if call.stream and upstream.status < 300:
         resp, f.relayed = await relay_stream(request, upstream, adapter, call, strip, f.headers, f.t0,
@@ -153,6 +157,21 @@ def _type_name(kind: type | tuple[type, ...]) -> str:
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
+def _attempts(svc: Services, target: Target, call: Call, model: str, request: web.Request) -> list[Attempt]:
+    """The routed provider, then other deployments of the model, then its configured fallbacks."""
+    raw = request.raw_path.split("?", 1)[0][target.strip:] or "/"
+    primary = target.adapter
+    out = [Attempt(primary, raw)]
+    for name in (*target.alternates, *primary.config.fallbacks):
+        alt = svc.adapters[name]
+        if any(a.adapter is alt for a in out):
+            continue
+        path = raw if alt.config.type == primary.config.type else alt.native_path(call, model)
+        if path is not None:
+            out.append(Attempt(alt, path))
+    return out
+
+
 def _error_response(svc: Services, request: web.Request, f: Flight, e: ProxyError) -> web.Response:
     adapter = f.adapter or svc.guess_adapter(request)
     headers = {**f.headers, **e.headers, "content-type": "application/json"}
@@ -178,7 +197,7 @@ async def _settle_and_record(svc: Services, f: Flight, t_end: float) -> None:
         output_source=usage.output_source, cost_micro_usd=cost, priced=priced or not usage.tokens.total,
         status=f.status, latency_seconds=t_end - f.t0, ttft_seconds=got.ttft_seconds if got else None,
         streamed=bool(got and got.streamed), cut_short=bool(got and (got.cut_short or got.client_gone)),
-        error=f.error or (got.error if got else None),
+        error=f.error or (got.error if got else None), retries=f.retries,
     )
     await svc.gate.settle(f.ticket, rec)  # one store round trip: reservation → actual, aggregates
     kind = _upstream_error_kind(f, got)
@@ -189,13 +208,11 @@ async def _settle_and_record(svc: Services, f: Flight, t_end: float) -> None:
 
 
 def _upstream_error_kind(f: Flight, got: Relayed | None) -> str | None:
-    """How the upstream failed, if it did: for meterproxy_upstream_errors_total{kind}."""
-    if f.error in ("upstream_unreachable", "upstream_timeout"):
-        return "unreachable" if f.error == "upstream_unreachable" else "timeout"
+    """How a stream failed after its first byte (failed attempts are counted as they happen)."""
     if got is None:
         return None
     if got.status >= 500 or got.status == 429:
-        return f"status_{got.status}"
+        return None  # counted by forward()
     if got.cut_short and not got.client_gone:
         return "stream_cut" if got.error != "upstream_timeout" else "stream_idle"
     if got.error:

@@ -4,6 +4,7 @@ The file is read once at load; lookups and arithmetic are pure and never touch f
 """
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -18,9 +19,12 @@ import yaml
 from proxy.errors import ConfigError
 from proxy.records import TokenCounts
 
+log = logging.getLogger("meterproxy.pricing")
+
 MICRO_PER_USD = 1_000_000
 TOKENS_PER_PRICE_UNIT = 1_000_000  # prices are quoted per 1M tokens
 _LOOKUP_CACHE_MAX = 4096
+_UNPRICED_LOGGED_MAX = 1000  # client-chosen names: stop logging new ones past this many
 
 _PRICE_FIELDS = ("input", "output", "cached_input", "cache_write", "reasoning")
 _ENTRY_FIELDS = frozenset(_PRICE_FIELDS) | {"effective_from"}
@@ -73,6 +77,7 @@ class PriceTable:
         self._taken = taken
         # Lookup runs on every request; most traffic uses a handful of (model, day) pairs.
         self._cache: dict[tuple[str, date], ModelPrice | object] = {}
+        self._unpriced_logged: set[str] = set()
 
     @classmethod
     def load(
@@ -154,6 +159,8 @@ class PriceTable:
         _check_tokens(tokens)
         price = self.lookup(model, on)
         if price is None:
+            if tokens.total:
+                self._log_unpriced(model)
             return 0, False
         # A provider may report more reasoning than output; never let output go negative.
         reasoning = min(tokens.reasoning, tokens.output)
@@ -166,6 +173,13 @@ class PriceTable:
             + reasoning * reasoning_rate
         )
         return (scaled + TOKENS_PER_PRICE_UNIT // 2) // TOKENS_PER_PRICE_UNIT, True
+
+    def _log_unpriced(self, model: str) -> None:
+        # Once per model per loaded table: the metric counts every request, the log names the model.
+        if model in self._unpriced_logged or len(self._unpriced_logged) >= _UNPRICED_LOGGED_MAX:
+            return
+        self._unpriced_logged.add(model)
+        log.warning("model %r has no price: its usage is metered at zero cost (add it under `prices:`)", model)
 
     def cost_for_estimate(self, model: str, prompt_tokens: int, output_tokens: int, on: date) -> int:
         """Reservation before forwarding: prompt at the input price, output at the output price

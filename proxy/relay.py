@@ -5,9 +5,11 @@ client's socket); a client that hangs up closes the upstream connection so gener
 """
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import orjson
@@ -17,12 +19,15 @@ from multidict import CIMultiDict
 from .errors import ProxyError, UpstreamTimeout, UpstreamUnreachable
 from .forwarding import HOP_BY_HOP
 from .providers import Adapter, Call, StreamTap
-from .providers.sse import SSESplitter
+from .providers.sse import SSEEvent, SSESplitter
 from .records import Usage
 
 # Upstream response headers the proxy replaces or must not copy.
 _DROP_RESPONSE = HOP_BY_HOP | frozenset({"content-length", "content-encoding", "x-request-id"})
 _MAX_JSON_STREAM_BYTES = 64 * 1024 * 1024
+# While the upstream is silent (a reasoning model thinking), look this often for a client that hung
+# up: otherwise it is only noticed at the next write, and the provider keeps generating meanwhile.
+CLIENT_CHECK_SECONDS = 0.2
 
 
 @dataclass(slots=True)
@@ -32,7 +37,8 @@ class Relayed:
     status: int
     usage: Usage | None = None
     output_final: bool = True  # the provider's usage covers the whole output
-    text: Callable[[], str] = str
+    text: Callable[[], str] = str  # output text no usage accounts for (for a fallback count)
+    text_beyond_usage: bool = False  # that text is on top of `usage.output` (add), not all of it (max)
     ttft_seconds: float | None = None
     streamed: bool = False
     cut_short: bool = False
@@ -102,7 +108,7 @@ async def relay_stream(
     end_error: ProxyError | None = None
     try:
         await resp.prepare(request)
-        complete, end_error = await pump.run(upstream, out, started, overrun)
+        complete, end_error = await pump.run(request, upstream, out, started, overrun)
     except ConnectionError:
         # The client hung up (writes to a closing transport raise ConnectionResetError).
         out.client_gone = True
@@ -124,7 +130,7 @@ async def relay_stream(
             await resp.write_eof()
         except ConnectionError:
             out.client_gone = True
-    pump.finish(adapter, call, out, complete)
+    pump.finish(out)
     return resp, out
 
 
@@ -150,9 +156,9 @@ class _Pump:
     def _events(self, events: list) -> bytes:  # type: ignore[type-arg]
         return b"".join([b for b in map(self.tap.on_event, events) if b])
 
-    async def run(self, upstream: aiohttp.ClientResponse, out: Relayed, started: float,
+    async def run(self, request: web.Request, upstream: aiohttp.ClientResponse, out: Relayed, started: float,
                   overrun: Callable[[StreamTap], ProxyError | None]) -> tuple[bool, ProxyError | None]:
-        async for chunk in upstream.content.iter_any():
+        while chunk := await _next_chunk(request, upstream.content):
             if out.ttft_seconds is None:
                 out.ttft_seconds = time.perf_counter() - started
             if self.sse:
@@ -172,16 +178,49 @@ class _Pump:
             await self.resp.write(rest)
         return True, None
 
-    def finish(self, adapter: Adapter, call: Call, out: Relayed, complete: bool) -> None:
+    def finish(self, out: Relayed) -> None:
         tap = self.tap
-        tap.finish()
         if not self.sse and self.raw_json:
-            try:
-                out.usage = adapter.usage_from_body(call, orjson.loads(b"".join(self.raw_json)))
-            except orjson.JSONDecodeError:
-                out.usage = None
-        else:
-            out.usage = tap.usage
-        out.output_final = tap.output_final or (complete and out.usage is not None)
+            # A stream that is one JSON array (Gemini without alt=sse): its whole elements go
+            # through the tap now, as the events they would have been, even if it was cut.
+            for item in _json_items(b"".join(self.raw_json)):
+                data = orjson.dumps(item)
+                tap.on_event(SSEEvent(data, "", data))
+        tap.finish()
+        out.usage = tap.usage
+        out.output_final = out.usage is not None and tap.output_final
+        out.text = tap.unreported_text
+        out.text_beyond_usage = tap.text_beyond_usage
         out.error = out.error or tap.error
-        out.text = tap.output_text
+
+
+def _json_items(data: bytes, max_tries: int = 64) -> list[Any]:
+    """The elements of a JSON array stream; of a cut one, the elements that arrived whole."""
+    end = len(data)
+    candidate = data
+    for _ in range(max_tries):
+        try:
+            obj = orjson.loads(candidate)
+        except orjson.JSONDecodeError:
+            end = data.rfind(b"}", 0, end)
+            if end < 0:
+                return []
+            candidate = data[: end + 1] + b"]"
+            continue
+        return obj if isinstance(obj, list) else [obj]
+    return []
+
+
+async def _next_chunk(request: web.Request, content: aiohttp.StreamReader) -> bytes:
+    """The next upstream chunk (b"" at the end); ConnectionResetError once the client is gone."""
+    while True:
+        timer = asyncio.timeout(CLIENT_CHECK_SECONDS)
+        try:
+            async with timer:
+                return await content.readany()
+        except TimeoutError:
+            if not timer.expired():
+                raise  # the session's own read timeout: the upstream went silent
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client hung up")

@@ -21,6 +21,7 @@ from .metrics import Metrics
 from .pricing import PriceTable
 from .providers import Adapter
 from .quota.gate import Gate
+from .resilience import Breaker
 from .route import Router
 from .tokens import Tokenizer
 
@@ -40,6 +41,7 @@ class Services:
     metrics: Metrics
     ledger: Ledger
     tz: tzinfo
+    breakers: dict[str, Breaker]
 
     def today(self) -> date:
         return datetime.now(self.tz).date()

@@ -30,9 +30,18 @@ def actual_usage(call: Call, est: Estimate, got: Relayed | None, tokenizer: Toke
     prompt_reported = base.input + base.cached_input + base.cache_write > 0
     if call.kind == ApiKind.EMBEDDINGS:
         return Usage(TokenCounts(input=est.prompt_tokens), est.prompt_source, est.prompt_source)
-    counted = tokenizer.count_text(est.model, got.text())
-    output = max(counted, base.output)
-    out_source = CountSource.PROVIDER if base.output >= counted and base.output > 0 else tokenizer.source_for(est.model)
+    # Only here, once per request and only without final usage, is output text tokenized.
+    text = got.text()
+    counted = tokenizer.count_text(est.model, text) if text else 0
+    if got.text_beyond_usage:
+        # Cumulative usage rode on the chunks: it counts their text; only later text is added.
+        output = base.output + counted
+        by_provider = counted == 0
+    else:
+        # Usage that came before the text (Anthropic's message_start): the larger count wins.
+        output = max(counted, base.output)
+        by_provider = base.output >= counted and base.output > 0
+    out_source = CountSource.PROVIDER if by_provider else tokenizer.source_for(est.model)
     if prompt_reported:
         tokens = TokenCounts(base.input, base.cached_input, base.cache_write, output, min(base.reasoning, output))
         in_source = CountSource.PROVIDER

@@ -222,6 +222,8 @@ class FakeProvider:
         self.requests: list[RecordedRequest] = []
         self.disconnects: list[RecordedRequest] = []
         self.controls: dict[str, str] = {}  # x-fake-* defaults applied under each request's headers
+        self.fail_next = 0  # the next N requests answer `fail_status` (for retry tests)
+        self.fail_status = 503
         self.default_chunks = DEFAULT_CHUNKS
         self.model_aliases: dict[str, str] = {}  # requested model -> model reported in the reply
         self.azure_model = AZURE_SNAPSHOT
@@ -294,8 +296,12 @@ class FakeProvider:
                 ctl = Controls.parse(self.controls, request.headers)
                 if ctl.delay:
                     await self._pause(request, ctl.delay)
-                if ctl.status is not None:
-                    resp: web.StreamResponse = error(ctl.status, f"fake error {ctl.status}")
+                status = ctl.status
+                if status is None and self.fail_next > 0:  # fail the next N requests, then recover
+                    self.fail_next -= 1
+                    status = self.fail_status
+                if status is not None:
+                    resp: web.StreamResponse = error(status, f"fake error {status}")
                 else:
                     resp = await handler(request, rec, ctl)
             except _ClientGone:

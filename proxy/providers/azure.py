@@ -9,7 +9,8 @@ import re
 from multidict import CIMultiDict, MultiMapping
 
 from ..records import ApiKind
-from .openai import OpenAIAdapter, openai_kind
+from .base import Call
+from .openai import _KIND_SUFFIX, OpenAIAdapter, openai_kind
 
 _DEPLOYMENT = re.compile(r"^/openai/deployments/([^/]+)/")
 
@@ -23,6 +24,13 @@ class AzureAdapter(OpenAIAdapter):
         if model is None:
             return "unknown"
         return self.config.deployments.get(model, model)
+
+    def native_path(self, call: Call, model: str | None) -> str | None:
+        suffix = _KIND_SUFFIX.get(call.kind)
+        if suffix is None or model is None:
+            return None
+        deployment = next((d for d, m in self.config.deployments.items() if m == model), model)
+        return f"/openai/deployments/{deployment}{suffix}"
 
     def upstream_query(self, query: MultiMapping[str]) -> list[tuple[str, str]]:
         items = super().upstream_query(query)

@@ -135,6 +135,10 @@ class Adapter:
         """The name prices and encodings are looked up by (Azure maps deployments)."""
         return model or "unknown"
 
+    def native_path(self, call: Call, model: str | None) -> str | None:
+        """This provider's own path for a call routed elsewhere first (fallbacks across types)."""
+        return None
+
     def prepare_body(self, call: Call, body: dict[str, Any]) -> tuple[bool, bool]:
         """Adjust the body before forwarding. Returns (changed, strip_usage_chunk)."""
         return False, False

@@ -34,6 +34,9 @@ _SUFFIX_KINDS = (
 )
 
 
+_KIND_SUFFIX = {kind: suffix for suffix, kind in _SUFFIX_KINDS}
+
+
 def openai_kind(method: str, path: str) -> ApiKind:
     if method != "POST":
         return ApiKind.OTHER
@@ -160,6 +163,10 @@ class OpenAIAdapter(Adapter):
         if path.endswith("/responses/input_tokens"):
             return ApiKind.OTHER, None, False
         return openai_kind(method, path), None, False
+
+    def native_path(self, call: Call, model: str | None) -> str | None:
+        suffix = _KIND_SUFFIX.get(call.kind)
+        return f"/v1{suffix}" if suffix else None
 
     def set_auth(self, headers: CIMultiDict[str]) -> None:
         if self.config.api_key:

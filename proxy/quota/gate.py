@@ -1,30 +1,33 @@
-"""Admit and settle: a subject's applicable limits, checked and reserved in one store round trip.
-
-Also owns what surrounds the store call: clamping max_tokens to what a budget still affords,
-queueing by plan priority, rate-limit headers, fail-open with local counters and a replay of
-every usage delta to the store once it is back, and in-stream enforcement of reservations.
+"""Admit and settle: a subject's limits checked and reserved in one store round trip, and what
+surrounds that call: reservation sizing from recent outputs, clamping max_tokens to what a budget
+still affords, queueing (per-provider slots by plan priority), fail-open on local counters with an
+exact replay to the store, and in-stream enforcement of reservations.
 """
 from __future__ import annotations
 
 import asyncio
+import functools
 import heapq
 import itertools
 import logging
 import math
 import time
-from collections import deque
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime, tzinfo
-from decimal import Decimal
+from enum import StrEnum
+from typing import TypeVar
 
-from ..auth import key_id_of, sha256_hex
-from ..config import Config, KeyConfig, PlanConfig
-from ..errors import ProxyError, QuotaExhausted, RateLimited, StoreError, StoreUnavailable
+from ..config import Config, PlanConfig
+from ..errors import ProxyError, RateLimited, StoreError, StoreUnavailable
 from ..estimate import Estimate
 from ..metrics import Metrics
-from ..pricing import PriceTable
+from ..pricing import TOKENS_PER_PRICE_UNIT, PriceTable
 from ..providers import Adapter, Call, StreamTap
 from ..records import Subject, UsageRecord
+from ..tokens import Tokenizer
+from .limits import CLAMPABLE, OUTPUT_LIMITS, LimitBook, describe, rate_headers, refusal
 from .memory import MemoryStore
 from .store import (
     MONEY_LIMITS,
@@ -39,23 +42,25 @@ from .store import (
 )
 
 log = logging.getLogger("meterproxy.quota")
+T = TypeVar("T")
 
 _MIN_CLAMPED_OUTPUT = 16  # below this a clamped request is not worth serving
-_RETRY_BACKOFF = (0.5, 1, 2, 4, 8, 15)
+_BACKOFF_SECONDS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)  # between probes of a store that is down
+_REPLAY_MAX = 1_000_000  # usage deltas kept for the store; beyond, the oldest are dropped (logged)
+_HISTORY_SIZE = 64  # recent outputs kept per (user, model)
+_HISTORY_MIN_SAMPLES = 8  # fewer than this: no percentile, reserve the full max_tokens
+_HISTORY_SUBJECTS = 10_000  # (user, model) pairs remembered, least recently used dropped
+_PERCENTILE = 0.95
+_FIRST_CHECK_BYTES = 256
+_MIN_CHECK_GROWTH = 1.125  # a stream's text is re-counted only after growing by at least this
+_MIN_TOPUP_TOKENS = 256
 
 
-def go_duration(seconds: float) -> str:
-    """OpenAI's reset format: `12ms`, `1s`, `6m0s`, `1h2m3s`."""
-    if seconds < 1:
-        return f"{max(0, int(seconds * 1000))}ms"
-    s = int(math.ceil(seconds))
-    h, rem = divmod(s, 3600)
-    m, sec = divmod(rem, 60)
-    if h:
-        return f"{h}h{m}m{sec}s"
-    if m:
-        return f"{m}m{sec}s"
-    return f"{sec}s"
+class Watch(StrEnum):
+    """What to do when a stream runs past its reservation."""
+
+    ENFORCE = "enforce"  # reserve more; end the stream if the limits refuse
+    SHADOW = "shadow"  # only count and log (the limits are enforce: false)
 
 
 @dataclass(slots=True)
@@ -64,23 +69,35 @@ class Ticket:
 
     reservation: Reservation | None
     headers: dict[str, str]
-    clamp_output: int | None = None  # lower max_tokens to this before forwarding
-    reserved_output: int = 0
-    output_capped: bool = True  # the provider stops at the reserved output by itself
+    clamp_output: int | None = None  # lower max_tokens (per choice) to this before forwarding
+    reserved_output: int = 0  # output tokens reserved, all choices together
     local: bool = False  # admitted on local counters while the store was down
     slot: _Slot | None = None
-    next_check: int = 4096  # bytes of kept stream text at the next overrun check
+    subject: Subject | None = None
+    tag: str = ""
+    cap_per_choice: int | None = None  # the max_tokens the provider will stop at, if any
+    choices: int = 1
+    watch: Watch | None = None  # None: the provider stops within the reservation by itself
+    limits: tuple[Limit, ...] = ()  # the limits counting output (what a top-up reserves on)
+    model: str = ""
+    priced: bool = False
+    next_check: int = _FIRST_CHECK_BYTES  # bytes of kept stream text at the next overrun check
+    topup: asyncio.Task[str | None] | None = None
+    topup_tokens: int = 0
+    extensions: list[tuple[Reservation, bool]] = field(default_factory=list)  # (reservation, local)
+    settled: bool = False
 
 
 @dataclass(order=True)
 class _Waiter:
-    priority: int
-    seq: int
+    priority: int  # negated plan priority: the heap pops the highest plan priority first
+    seq: int  # FIFO within one priority
     future: asyncio.Future[None] = field(compare=False)
 
 
 class _Slot:
-    """A per-provider concurrency slot, handed to waiters by plan priority, FIFO within one."""
+    """A per-provider concurrency limit (this process's), handed to waiters by plan priority, FIFO
+    within a priority. In-process by design: it protects one replica's upstream connections."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -95,17 +112,22 @@ class _Slot:
         if timeout <= 0:
             return False
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        w = _Waiter(-priority, next(self._seq), fut)
-        heapq.heappush(self._waiters, w)
+        heapq.heappush(self._waiters, _Waiter(-priority, next(self._seq), fut))
         try:
             await asyncio.wait_for(asyncio.shield(fut), timeout)
             return True
         except TimeoutError:
-            if fut.done():  # handed over just as we gave up: pass it on
-                self.release()
-            else:
-                fut.cancel()
+            self._give_up(fut)
             return False
+        except asyncio.CancelledError:  # the client went away while queued
+            self._give_up(fut)
+            raise
+
+    def _give_up(self, fut: asyncio.Future[None]) -> None:
+        if fut.done():  # handed over just as we gave up: pass it on
+            self.release()
+        else:
+            fut.cancel()  # `release` skips cancelled waiters
 
     def release(self) -> None:
         while self._waiters:
@@ -114,6 +136,31 @@ class _Slot:
                 w.future.set_result(None)  # the slot moves to the waiter; `used` is unchanged
                 return
         self.used = max(0, self.used - 1)
+
+
+class _History:
+    """Recent output sizes per (user, model), bounded in length and in number of pairs."""
+
+    def __init__(self) -> None:
+        self._runs: OrderedDict[tuple[str, str], deque[int]] = OrderedDict()
+
+    def add(self, user: str, model: str, output: int) -> None:
+        key = (user, model)
+        run = self._runs.get(key)
+        if run is None:
+            run = self._runs[key] = deque(maxlen=_HISTORY_SIZE)
+            if len(self._runs) > _HISTORY_SUBJECTS:
+                self._runs.popitem(last=False)
+        else:
+            self._runs.move_to_end(key)
+        run.append(output)
+
+    def percentile(self, user: str, model: str) -> int | None:
+        run = self._runs.get((user, model))
+        if run is None or len(run) < _HISTORY_MIN_SAMPLES:
+            return None
+        ordered = sorted(run)
+        return ordered[min(len(ordered) - 1, math.ceil(_PERCENTILE * len(ordered)) - 1)]  # nearest rank
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +173,38 @@ class _Replay:
     reservation: Reservation | None = None
 
 
+class _StoreDown(Exception):
+    """The store is down or just failed: serve per `on_store_failure`."""
+
+
+class _State:
+    """What outlives a config reload: fail-open counters and replay queue, store health, output
+    history, in-flight counts and the wake-up of queued requests."""
+
+    def __init__(self, tz: tzinfo) -> None:
+        self.local = MemoryStore(tz=tz)
+        self.replay: deque[_Replay] = deque()
+        self.replay_lock = asyncio.Lock()
+        self.history = _History()
+        self.inflight: dict[str, int] = {}  # hash tag -> admitted, unsettled tickets in this process
+        self.down = False
+        self.retry_at = 0.0
+        self.failures = 0
+        self.probing = False
+        self._room: asyncio.Future[None] | None = None
+
+    def room(self) -> asyncio.Future[None]:
+        """Resolved by the next settle in this process (room may have freed)."""
+        if self._room is None or self._room.done():
+            self._room = asyncio.get_running_loop().create_future()
+        return self._room
+
+    def wake(self) -> None:
+        if self._room is not None and not self._room.done():
+            self._room.set_result(None)
+        self._room = None
+
+
 class Gate:
     def __init__(self, config: Config, store: QuotaStore, prices: PriceTable, metrics: Metrics,
                  tz: tzinfo) -> None:
@@ -134,54 +213,25 @@ class Gate:
         self.prices = prices
         self.metrics = metrics
         self.tz = tz
-        self._local = MemoryStore(tz=tz)  # fail-open counters while the store is down
-        self._store_down_until = 0.0
-        self._failures = 0
-        self._replay: deque[_Replay] = deque(maxlen=1_000_000)
-        self._settled = asyncio.Event()
+        self.book = LimitBook(config)
+        self._state = _State(tz)
         self._slots = {name: _Slot(p.max_concurrent) for name, p in config.providers.items() if p.max_concurrent}
-        self._limits_cache: dict[tuple[str, str | None, str, str], tuple[Limit, ...]] = {}
-        self._key_limits: dict[str, KeyConfig] = {
-            key_id_of(k.key_sha256 or sha256_hex(k.key or "")): k for k in config.keys if k.values()}
+        # A store call waits at most this long (connect + command), so a dead store never hangs a request.
+        self._timeout = config.store_timeout * 2
 
     def adopt(self, old: Gate) -> None:
-        """Take over a previous gate's fail-open state on reload, so no usage delta is lost."""
-        self._local = old._local
-        self._replay = old._replay
-        self._store_down_until = old._store_down_until
-        self._failures = old._failures
+        """Take over a previous gate's state on reload, so no usage delta or queued wake-up is lost."""
+        self._state = old._state
         for name, slot in old._slots.items():
             if name in self._slots and self._slots[name].limit == slot.limit:
                 self._slots[name] = slot
 
     # ------------------------------------------------------------ limits
     def plan_of(self, subject: Subject) -> PlanConfig:
-        return self.config.plans.get(subject.plan) or self.config.plans[self.config.default_plan]
+        return self.book.plan_of(subject)
 
     def limits_for(self, subject: Subject) -> tuple[Limit, ...]:
-        """Every limit that applies: the user's (plan and own, tightest wins), the team's, the key's."""
-        ck = (subject.user, subject.team, subject.plan, subject.key_id)
-        hit = self._limits_cache.get(ck)
-        if hit is not None:
-            return hit
-        plan = self.plan_of(subject)
-        user_cfg = self.config.users.get(subject.user)
-        out: list[Limit] = []
-        user_vals = plan.values()
-        for name, v in (user_cfg.values() if user_cfg else {}).items():
-            user_vals[name] = min(v, user_vals.get(name, v))
-        enforce = plan.enforce and (user_cfg.enforce if user_cfg else True)
-        out += [Limit(f"user:{subject.user}", LimitName(n), v, enforce) for n, v in user_vals.items()]
-        team_cfg = self.config.teams.get(subject.team) if subject.team else None
-        if team_cfg is not None:
-            out += [Limit(f"team:{subject.team}", LimitName(n), v, team_cfg.enforce) for n, v in team_cfg.values().items()]
-        key_cfg = self._key_limits.get(subject.key_id)
-        if key_cfg is not None:
-            out += [Limit(f"key:{subject.key_id}", LimitName(n), v, key_cfg.enforce) for n, v in key_cfg.values().items()]
-        result = tuple(out)
-        if len(self._limits_cache) < 200_000:
-            self._limits_cache[ck] = result
-        return result
+        return self.book.limits_for(subject)
 
     def periods(self, now: float) -> tuple[str, str]:
         d = datetime.fromtimestamp(now, self.tz)
@@ -189,234 +239,377 @@ class Gate:
 
     # ------------------------------------------------------------ admit
     async def admit(self, subject: Subject, adapter: Adapter, call: Call, est: Estimate, request_id: str) -> Ticket:
-        plan = self.plan_of(subject)
-        limits = self.limits_for(subject)
-        queue_for = plan.max_queue_seconds if plan.on_limit == "queue" else 0.0
-        deadline = time.monotonic() + queue_for
+        """Admit or refuse (RateLimited/QuotaExhausted 429, StoreUnavailable 503), queueing first
+        when the plan says `on_limit: queue`."""
+        plan = self.book.plan_of(subject)
+        limits = self.book.limits_for(subject)
+        tag = self.book.tag_for(subject)
+        deadline = time.monotonic() + (plan.max_queue_seconds if plan.on_limit == "queue" else 0.0)
         slot = self._slots.get(adapter.name)
-        if slot is not None and not await slot.acquire(plan.priority, queue_for):
-            self.metrics.rejected(subject.user, subject.team, "max_concurrent")
-            raise RateLimited(f"Provider {adapter.name!r} is at its max_concurrent limit; try again shortly.",
-                              headers={"retry-after": "1"})
-        try:
-            ticket = await self._admit_limits(subject, plan, limits, call, est, request_id, deadline)
-        except BaseException:
-            if slot is not None:
-                slot.release()
-            raise
-        ticket.slot = slot
-        return ticket
-
-    async def _admit_limits(self, subject: Subject, plan: PlanConfig, limits: tuple[Limit, ...], call: Call,
-                            est: Estimate, request_id: str, deadline: float) -> Ticket:
-        tag = f"t:{subject.team}" if subject.team else f"u:{subject.user}"
-        out_tokens, cost, clamp = est.max_output_tokens, est.cost_micro_usd, None
+        held = False
+        out = self._sized_output(subject.user, est)
+        clamp: int | None = None
         while True:
-            now = time.time()
-            day, month = self.periods(now)
-            adm = Admission(request_id, tag, limits, est.prompt_tokens + out_tokens, cost, now, day, month)
-            decision, local = await self._store_admit(adm)
-            for lim in decision.shadow_denied:
-                self.metrics.rejected(subject.user, subject.team, lim.name.value, shadow=True)
-                log.info("shadow limit %s %s would have refused request %s", lim.scope, lim.name.value, request_id)
+            if slot is not None and not held:
+                if not await slot.acquire(plan.priority, deadline - time.monotonic()):
+                    self.metrics.rejected(subject.user, subject.team, "provider_max_concurrent")
+                    raise RateLimited(f"Rate limit reached: the max_concurrent limit of {slot.limit} for provider "
+                                      f"{adapter.name} is reached. Try again shortly.", headers={"retry-after": "1"})
+                held = True
+            room = self._state.room()  # taken before asking, so a settle during the ask still wakes us
+            adm = self._admission(request_id, tag, limits, est, out)
+            try:
+                decision, local = await self._store_admit(adm)
+            except BaseException:
+                if held and slot is not None:
+                    slot.release()
+                raise
             if decision.admitted:
-                self._budget_gauges(decision.states)
-                capped = est.client_max_tokens is not None or clamp is not None
-                return Ticket(decision.reservation, self._headers(decision.states), clamp, out_tokens, capped, local)
-            denied = decision.denied
-            assert denied is not None
-            if (clamp is None and plan.on_limit_clamp and denied.name in (MONEY_LIMITS | TOKEN_LIMITS)
-                    and est.max_output_tokens > 0):
-                fit = self._affordable_output(decision, limits, est)
-                if fit is not None and fit >= _MIN_CLAMPED_OUTPUT and fit < est.max_output_tokens:
-                    per_choice = fit // max(1, est.choices)
-                    clamp, out_tokens = per_choice, per_choice * est.choices
-                    cost = self.prices.cost_for_estimate(est.model, est.prompt_tokens, out_tokens, _date(now, self.tz)) if est.priced else 0
-                    continue
-            wait = decision.retry_after_seconds
-            left = deadline - time.monotonic()
-            if denied.name not in MONEY_LIMITS and 0 < wait <= left:
-                await self._wait_for_room(min(wait, left))
+                self._count_shadow(subject, decision.shadow_denied, request_id)
+                return self._ticket(subject, decision, local, slot if held else None, tag, est, out, clamp, limits)
+            fit = self._clamped(plan, decision, adm, est, out)
+            if fit is not None:
+                clamp, out = fit  # keep the provider slot: the retry is immediate
                 continue
-            self.metrics.rejected(subject.user, subject.team, denied.name.value)
-            raise self._refusal(denied, decision)
+            if held and slot is not None:
+                slot.release()  # never sit on a provider slot while waiting for the subject's own room
+                held = False
+            wait = self._queue_wait(decision, adm, tag, deadline)
+            if wait is None:
+                denied = decision.denied
+                assert denied is not None
+                self._count_shadow(subject, decision.shadow_denied, request_id)
+                self.metrics.rejected(subject.user, subject.team, denied.name.value)
+                raise refusal(denied, decision)
+            await asyncio.wait({room}, timeout=wait)  # a local settle, or when the window frees room
 
-    async def _wait_for_room(self, seconds: float) -> None:
-        """Sleep until room may have freed: the window's reset, or a local settle, whichever first."""
-        self._settled.clear()
-        try:
-            await asyncio.wait_for(self._settled.wait(), seconds)
-        except TimeoutError:
-            pass
+    def _admission(self, request_id: str, tag: str, limits: tuple[Limit, ...], est: Estimate,
+                   out: int) -> Admission:
+        now = time.time()
+        day, month = self.periods(now)
+        cost = est.cost_micro_usd
+        if out != est.max_output_tokens:
+            cost = self.prices.cost_for_estimate(est.model, est.prompt_tokens, out, self._date(now)) if est.priced else 0
+        return Admission(request_id, tag, limits, est.prompt_tokens + out, cost, now, day, month)
 
-    def _affordable_output(self, decision: Decision, limits: tuple[Limit, ...], est: Estimate) -> int | None:
-        """Output tokens every budget can still take after the prompt, or None if unknown."""
+    def _sized_output(self, user: str, est: Estimate) -> int:
+        """Output to reserve: min(max_tokens, p95 of this user's recent outputs on this model)."""
+        if est.max_output_tokens <= 0:
+            return 0
+        p = self._state.history.percentile(user, est.model)
+        per_choice = est.max_output_tokens // max(1, est.choices)
+        if p is None or p >= per_choice:
+            return est.max_output_tokens
+        return max(1, p) * est.choices
+
+    def _ticket(self, subject: Subject, decision: Decision, local: bool, slot: _Slot | None, tag: str,
+                est: Estimate, out: int, clamp: int | None, limits: tuple[Limit, ...]) -> Ticket:
+        st = self._state
+        st.inflight[tag] = st.inflight.get(tag, 0) + 1
+        self._budget_gauges(decision.states)
+        cap = clamp if clamp is not None else est.client_max_tokens
+        watch: Watch | None = None
+        if out > 0 and (cap is None or cap * est.choices > out):  # the provider may write past the reservation
+            if any(lim.enforce and lim.name in OUTPUT_LIMITS for lim in limits):
+                watch = Watch.ENFORCE
+            elif any(lim.name in OUTPUT_LIMITS for lim in limits):
+                watch = Watch.SHADOW
+        threshold = out * (1 + self.config.stream_overrun_slack)
+        return Ticket(decision.reservation, rate_headers(decision.states), clamp, out, local, slot, subject, tag,
+                      cap, max(1, est.choices), watch, tuple(lim for lim in limits if lim.name in OUTPUT_LIMITS),
+                      est.model, est.priced, max(_FIRST_CHECK_BYTES, math.ceil(threshold)))
+
+    def _clamped(self, plan: PlanConfig, decision: Decision, adm: Admission, est: Estimate,
+                 out: int) -> tuple[int, int] | None:
+        """(max_tokens per choice, output reserved) that fits every budget, if refusal was only theirs."""
+        if not plan.on_limit_clamp or out <= 0:
+            return None
+        failing = _failing(decision, adm)
+        if not failing or any(lim.name not in CLAMPABLE for lim in failing):
+            return None
+        fit = self._affordable_output(decision.states, est, adm.now)
+        if fit is None:
+            return None
+        per_choice = min(fit, out) // max(1, est.choices)
+        total = per_choice * max(1, est.choices)
+        if per_choice < _MIN_CLAMPED_OUTPUT or total >= out:
+            return None
+        return per_choice, total
+
+    def _affordable_output(self, states: tuple[LimitState, ...], est: Estimate, now: float) -> int | None:
+        """Output tokens every enforced budget can still take after the prompt, or None if unknown."""
         best: int | None = None
-        day = _date(time.time(), self.tz)
-        price = self.prices.lookup(est.model, day) if est.priced else None
-        for st in decision.states:
+        price = self.prices.lookup(est.model, self._date(now)) if est.priced else None
+        for st in states:
             lim = st.limit
-            if not lim.enforce:
+            if not lim.enforce or lim.name not in CLAMPABLE:
                 continue
-            room = lim.value - (st.used if not decision.admitted else st.used)
+            room = lim.value - st.used  # a refused decision's states exclude this request
             if lim.name in TOKEN_LIMITS:
                 fit = room - est.prompt_tokens
-            elif lim.name in MONEY_LIMITS and price is not None and price.output > 0:
-                prompt_cost = -(-est.prompt_tokens * price.input // 1_000_000)
-                fit = (room - prompt_cost) * 1_000_000 // price.output
+            elif price is not None:
+                out_rate = max(price.output, price.reasoning or 0)
+                spare = room * TOKENS_PER_PRICE_UNIT - est.prompt_tokens * price.input
+                # Floor: cost_for_estimate rounds the whole up, so this never reserves past the room.
+                fit = spare // out_rate if out_rate > 0 else (1 << 30 if spare >= 0 else -1)
             else:
                 continue
             best = fit if best is None else min(best, fit)
         return best
 
-    def _refusal(self, denied: Limit, decision: Decision) -> ProxyError:
-        retry = max(1, math.ceil(decision.retry_after_seconds))
-        headers = {**self._headers(decision.states), "retry-after": str(retry)}
-        what = f"{denied.name.value} limit of {_fmt_limit(denied)} for {denied.scope}"
-        if denied.name in MONEY_LIMITS:
-            headers["x-should-retry"] = "false"
-            return QuotaExhausted(f"Budget exhausted: the {what} is used up. It resets in {go_duration(retry)}.",
-                                  headers=headers)
-        return RateLimited(f"Rate limit reached: the {what} is reached. Try again in {go_duration(retry)}.",
-                           headers=headers)
+    def _queue_wait(self, decision: Decision, adm: Admission, tag: str, deadline: float) -> float | None:
+        """How long a queued request should wait before asking again; None: refuse now."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        if decision.retry_after_seconds <= left:
+            return max(0.01, decision.retry_after_seconds)
+        # A settle here may refund a reservation or free a lease sooner (not a request count).
+        failing = _failing(decision, adm)
+        if self._state.inflight.get(tag) and all(lim.name is not LimitName.RPM for lim in failing):
+            return left
+        return None
 
-    def _headers(self, states: tuple[LimitState, ...]) -> dict[str, str]:
-        out: dict[str, str] = {}
-        req = _tightest(states, (LimitName.RPM,))
-        tok = _tightest(states, (LimitName.TPM,))
-        money = _tightest(states, (LimitName.USD_PER_DAY, LimitName.USD_PER_MONTH))
-        if req is not None:
-            out["x-ratelimit-limit-requests"] = str(req.limit.value)
-            out["x-ratelimit-remaining-requests"] = str(req.remaining)
-            out["x-ratelimit-reset-requests"] = go_duration(req.reset_seconds)
-        if tok is not None:
-            out["x-ratelimit-limit-tokens"] = str(tok.limit.value)
-            out["x-ratelimit-remaining-tokens"] = str(tok.remaining)
-            out["x-ratelimit-reset-tokens"] = go_duration(tok.reset_seconds)
-        if money is not None:
-            out["x-budget-remaining-usd"] = str(Decimal(money.remaining) / 1_000_000)
-        return out
+    def _count_shadow(self, subject: Subject, limits: tuple[Limit, ...], request_id: str) -> None:
+        for lim in limits:
+            self.metrics.rejected(subject.user, subject.team, lim.name.value, shadow=True)
+            log.info("shadow limit: %s would have refused request %s (enforce: false)", describe(lim), request_id)
 
     def _budget_gauges(self, states: tuple[LimitState, ...]) -> None:
         for st in states:
-            if st.limit.name in MONEY_LIMITS:
+            if st.limit.name in MONEY_LIMITS and st.limit.enforce:
                 period = "day" if st.limit.name == LimitName.USD_PER_DAY else "month"
                 self.metrics.budget_remaining.labels(st.limit.scope, period).set(st.remaining / 1_000_000)
                 self.metrics.budget_limit.labels(st.limit.scope, period).set(st.limit.value / 1_000_000)
 
-    # ------------------------------------------------------------ store, fail-open
+    def _date(self, now: float) -> date:
+        return datetime.fromtimestamp(now, self.tz).date()
+
+    # ------------------------------------------------------------ store health, fail-open
+    async def _guarded(self, op: str, call: Callable[[], Awaitable[T]]) -> T:
+        """One store call, bounded by a short timeout. While the store is down, calls are not made
+        (raise _StoreDown at once) except one probe at a time after a growing backoff."""
+        st = self._state
+        if st.down and (st.probing or time.monotonic() < st.retry_at):
+            raise _StoreDown
+        probe = st.down
+        st.probing = st.probing or probe
+        try:
+            result = await asyncio.wait_for(call(), self._timeout)
+        except (StoreError, TimeoutError) as e:
+            self._store_failed(op, e, probe)
+            raise _StoreDown from e
+        finally:
+            if probe:
+                st.probing = False
+        if st.down:
+            log.warning("quota store is back; %d usage deltas to replay", len(st.replay))
+            st.down, st.failures = False, 0
+        return result
+
+    def _store_failed(self, op: str, e: BaseException, probe: bool) -> None:
+        st = self._state
+        self.metrics.store_errors.labels(op).inc()
+        if st.down and not probe:
+            return  # already known; only a failed probe backs off further
+        backoff = _BACKOFF_SECONDS[min(st.failures, len(_BACKOFF_SECONDS) - 1)]
+        st.failures += 1
+        st.down = True
+        st.retry_at = time.monotonic() + backoff
+        log.warning("quota store %s failed (%s); %s, next try in %.2fs", op, e or type(e).__name__,
+                    "serving on local counters" if self.config.on_store_failure == "open" else "refusing", backoff)
+
     async def _store_admit(self, adm: Admission) -> tuple[Decision, bool]:
-        if time.monotonic() >= self._store_down_until:
-            try:
-                decision = await asyncio.wait_for(self.store.admit(adm), self.config.store_timeout * 2)
-                self._store_ok()
-                return decision, False
-            except (StoreError, TimeoutError) as e:
-                self._store_failed("admit", e)
+        try:
+            return await self._guarded("admit", lambda: self.store.admit(adm)), False
+        except _StoreDown:
+            pass
         if self.config.on_store_failure == "closed":
             raise StoreUnavailable("The quota store is unreachable and on_store_failure is closed; try again shortly.",
                                    headers={"retry-after": "1"})
         self.metrics.store_fallback.inc()
-        return await self._local.admit(adm), True
+        return await self._state.local.admit(adm), True
 
-    def _store_ok(self) -> None:
-        if self._failures:
-            log.warning("quota store is back; replaying %d usage deltas", len(self._replay))
-        self._failures = 0
-
-    def _store_failed(self, op: str, e: BaseException) -> None:
-        self.metrics.store_errors.labels(op).inc()
-        backoff = _RETRY_BACKOFF[min(self._failures, len(_RETRY_BACKOFF) - 1)]
-        self._failures += 1
-        self._store_down_until = time.monotonic() + backoff
-        log.warning("quota store %s failed (%s); %s for %.1fs", op, e or type(e).__name__,
-                    "serving on local counters" if self.config.on_store_failure == "open" else "refusing", backoff)
+    def _keep_for_replay(self, item: _Replay) -> None:
+        q = self._state.replay
+        if len(q) >= _REPLAY_MAX:
+            q.popleft()
+            self.metrics.store_errors.labels("replay_dropped").inc()
+            log.error("fail-open replay queue is full (%d); the oldest usage delta is dropped", _REPLAY_MAX)
+        q.append(item)
 
     # ------------------------------------------------------------ settle
     async def settle(self, ticket: Ticket | None, rec: UsageRecord) -> None:
-        """Replace the reservation with what `rec` says was used (rejected requests: no ticket)."""
-        if ticket is None:
+        """Replace the reservation with what `rec` says was used (refused requests: no ticket)."""
+        if ticket is None or ticket.settled:
             return
+        ticket.settled = True
+        st = self._state
         if ticket.slot is not None:
             ticket.slot.release()
             ticket.slot = None
-        res = ticket.reservation
-        self._settled.set()
-        if res is None:
-            return
-        total, cost_micro_usd = rec.tokens.total, rec.cost_micro_usd
+        try:
+            if ticket.topup is not None:  # a top-up still on its way: settle what it reserved too
+                await asyncio.wait({ticket.topup})
+                if not ticket.topup.cancelled() and ticket.topup.exception() is not None:
+                    log.error("stream top-up failed", exc_info=ticket.topup.exception())
+            self._learn(ticket, rec)
+            if ticket.reservation is not None:
+                await self._settle_one(ticket.reservation, ticket.local, rec.tokens.total, rec.cost_micro_usd)
+            for ext, local in ticket.extensions:  # top-ups give back all they held: the main one got the actual
+                await self._settle_one(ext, local, 0, 0)
+        finally:
+            n = st.inflight.get(ticket.tag, 0) - 1
+            if n > 0:
+                st.inflight[ticket.tag] = n
+            else:
+                st.inflight.pop(ticket.tag, None)
+            st.wake()
+
+    async def _settle_one(self, res: Reservation, local: bool, tokens: int, cost_micro_usd: int) -> None:
         now = time.time()
-        if ticket.local:
-            await self._local.settle(res, total, cost_micro_usd, now)
-            self._replay.append(_Replay(total, cost_micro_usd, admission=_replay_admission(res)))
+        if local:
+            await self._state.local.settle(res, tokens, cost_micro_usd, now)
+            if tokens or cost_micro_usd:
+                self._keep_for_replay(_Replay(tokens, cost_micro_usd, admission=_replay_admission(res)))
             return
         try:
-            await asyncio.wait_for(self.store.settle(res, total, cost_micro_usd, now), self.config.store_timeout * 2)
-        except (StoreError, TimeoutError) as e:
-            self._store_failed("settle", e)
-            # The reservation stays counted in the store until its record expires; settle it later.
-            self._replay.append(_Replay(total, cost_micro_usd, reservation=res))
+            await self._guarded("settle", lambda: self.store.settle(res, tokens, cost_micro_usd, now))
+        except _StoreDown:
+            # The reservation stays counted in the store (its record lasts 2 days): settle it later.
+            self._keep_for_replay(_Replay(tokens, cost_micro_usd, reservation=res))
+
+    def _learn(self, ticket: Ticket, rec: UsageRecord) -> None:
+        if ticket.reserved_output <= 0 or rec.status >= 400 or rec.cut_short or ticket.subject is None:
+            return
+        per_choice = rec.tokens.output // ticket.choices
+        if ticket.cap_per_choice is not None and per_choice >= ticket.cap_per_choice:
+            return  # stopped by max_tokens: the length it wanted is unknown
+        self._state.history.add(ticket.subject.user, ticket.model, per_choice)
 
     async def replay_pending(self) -> int:
-        """Apply usage kept while the store was down. Each delta is applied once (removed on success)."""
+        """Apply usage kept while the store was down, oldest first; each delta once (replays are
+        idempotent per request id, and removed only once applied)."""
+        st = self._state
         done = 0
-        while self._replay and time.monotonic() >= self._store_down_until:
-            item = self._replay[0]
-            try:
-                if item.admission is not None:  # a local admission: add its usage to the store's counters
-                    d = await self.store.admit(item.admission)
-                    if d.reservation is not None:
-                        await self.store.settle(d.reservation, item.tokens, item.cost_micro_usd, item.admission.now)
-                elif item.reservation is not None:  # a store admission whose settle failed
-                    await self.store.settle(item.reservation, item.tokens, item.cost_micro_usd, time.time())
-            except (StoreError, TimeoutError) as e:
-                self._store_failed("replay", e)
-                break
-            self._replay.popleft()
-            done += 1
+        async with st.replay_lock:
+            while st.replay:
+                item = st.replay[0]
+                try:
+                    await self._guarded("replay", functools.partial(self._apply, item))
+                except _StoreDown:
+                    break
+                st.replay.popleft()
+                done += 1
         return done
+
+    async def _apply(self, item: _Replay) -> None:
+        if item.admission is not None:  # a local admission: add its usage to the store's counters
+            d = await self.store.admit(item.admission)
+            if d.reservation is not None:
+                await self.store.settle(d.reservation, item.tokens, item.cost_micro_usd, item.admission.now)
+        elif item.reservation is not None:  # a store admission whose settle failed
+            await self.store.settle(item.reservation, item.tokens, item.cost_micro_usd, time.time())
 
     @property
     def pending_replays(self) -> int:
-        return len(self._replay)
+        return len(self._state.replay)
+
+    @property
+    def store_down(self) -> bool:
+        return self._state.down
 
     # ------------------------------------------------------------ in-stream enforcement
-    def overrun(self, ticket: Ticket, tap: StreamTap, tokenizer: object, model: str) -> ProxyError | None:
-        """End a stream whose output passed its reservation by more than the slack.
+    def overrun(self, ticket: Ticket, tap: StreamTap, tokenizer: Tokenizer, model: str) -> ProxyError | None:
+        """Called after each relayed chunk; returns the error that ends a stream whose output ran
+        past its reservation by more than `stream_overrun_slack` and could not reserve more.
 
-        Checked when the kept text doubles in size, never per chunk; only for streams the provider
-        itself would not stop (no max_tokens given).
+        Cheap per chunk: the text is re-counted only at byte thresholds (growing geometrically and
+        aimed at where the reservation would run out), and a top-up is one background store call.
         """
-        if ticket.output_capped or tap.kept_bytes < ticket.next_check:
+        if ticket.watch is None:
             return None
-        ticket.next_check = tap.kept_bytes * 2
-        count = tokenizer.count_text(model, tap.output_text())  # type: ignore[attr-defined]
-        if count > ticket.reserved_output * (1 + self.config.stream_overrun_slack):
-            return RateLimited(f"The stream passed its reserved {ticket.reserved_output} output tokens and was ended.")
+        if ticket.topup is not None:
+            if not ticket.topup.done():
+                return None
+            return self._topup_done(ticket, tap)
+        if tap.kept_bytes < ticket.next_check:
+            return None
+        count = tokenizer.count_text(model, tap.output_text())
+        allowed = ticket.reserved_output * (1 + self.config.stream_overrun_slack)
+        kept = tap.kept_bytes
+        if count <= allowed:
+            aim = int(kept * allowed / count) + 1 if count else kept * 2
+            ticket.next_check = min(kept * 2, max(int(kept * _MIN_CHECK_GROWTH) + 1, aim))
+            return None
+        sub = ticket.subject
+        if ticket.watch is Watch.SHADOW:
+            ticket.watch = None
+            if sub is not None:
+                self.metrics.rejected(sub.user, sub.team, "stream_overrun", shadow=True)
+            log.info("shadow limit: a stream passed its %d reserved output tokens (enforce: false)",
+                     ticket.reserved_output)
+            return None
+        ticket.topup_tokens = max(ticket.reserved_output, _MIN_TOPUP_TOKENS)
+        ticket.topup = asyncio.get_running_loop().create_task(self._extend(ticket, ticket.topup_tokens))
         return None
+
+    def _topup_done(self, ticket: Ticket, tap: StreamTap) -> ProxyError | None:
+        task, ticket.topup = ticket.topup, None
+        assert task is not None
+        refused = None if task.cancelled() or task.exception() is not None else task.result()
+        if refused is None:
+            ticket.reserved_output += ticket.topup_tokens
+            ticket.next_check = tap.kept_bytes + 1
+            return None
+        ticket.watch = None
+        sub = ticket.subject
+        if sub is not None:
+            self.metrics.rejected(sub.user, sub.team, "stream_overrun")
+        return RateLimited(f"meterproxy ended this stream: its output passed the {ticket.reserved_output} output "
+                           f"tokens reserved for it and {refused}. Set max_tokens to keep within your quota.")
+
+    async def _extend(self, ticket: Ticket, tokens: int) -> str | None:
+        """Reserve `tokens` more output for a running stream: None if granted, else why not."""
+        res = ticket.reservation
+        if res is None or not ticket.limits:
+            return None
+        now = time.time()
+        day, month = self.periods(now)
+        cost = self.prices.cost_for_estimate(ticket.model, 0, tokens, self._date(now)) if ticket.priced else 0
+        adm = Admission(f"{res.request_id}+{len(ticket.extensions) + 1}", res.tag, ticket.limits, tokens, cost,
+                        now, day, month)
+        if ticket.local:
+            decision, local = await self._state.local.admit(adm), True
+        else:
+            try:
+                decision, local = await self._store_admit(adm)
+            except StoreUnavailable:
+                return "the quota store is unreachable (on_store_failure: closed)"
+        if decision.reservation is not None:
+            ticket.extensions.append((decision.reservation, local))
+        if decision.admitted:
+            return None
+        assert decision.denied is not None
+        return f"{describe(decision.denied)} has no room for more"
+
+
+def _amount(lim: Limit, adm: Admission) -> int:
+    if lim.name in TOKEN_LIMITS:
+        return adm.tokens
+    if lim.name in MONEY_LIMITS:
+        return adm.cost_micro_usd
+    return 1
+
+
+def _failing(decision: Decision, adm: Admission) -> list[Limit]:
+    """The enforced limits that refused (a refused decision's states exclude the request)."""
+    return [st.limit for st in decision.states
+            if st.limit.enforce and st.used + _amount(st.limit, adm) > st.limit.value]
 
 
 def _replay_admission(res: Reservation) -> Admission:
-    # Replayed usage never refuses: every limit becomes a shadow one, and no concurrency lease.
-    limits = tuple(
-        Limit(lim.scope, lim.name, lim.value, False) for lim in res.limits if lim.name != LimitName.MAX_CONCURRENT)
-    return Admission("replay-" + res.request_id, res.tag, limits, res.tokens, res.cost_micro_usd,
-                     res.time, res.day, res.month)
-
-
-def _tightest(states: tuple[LimitState, ...], names: tuple[LimitName, ...]) -> LimitState | None:
-    best = None
-    for st in states:
-        if st.limit.name in names and st.limit.enforce and (best is None or st.remaining < best.remaining):
-            best = st
-    return best
-
-
-def _fmt_limit(lim: Limit) -> str:
-    if lim.name in MONEY_LIMITS:
-        return f"${Decimal(lim.value) / 1_000_000}"
-    return str(lim.value)
-
-
-def _date(now: float, tz: tzinfo) -> date:
-    return datetime.fromtimestamp(now, tz).date()
+    # The same request id, so an admission the store made but whose reply was lost counts once;
+    # every limit a shadow one, since usage already served is never refused.
+    limits = tuple(Limit(lim.scope, lim.name, lim.value, False) for lim in res.limits)
+    return Admission(res.request_id, res.tag, limits, res.tokens, res.cost_micro_usd, res.time, res.day, res.month)

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import math
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from datetime import UTC, tzinfo
 from importlib import resources
 from typing import Any, cast
@@ -20,23 +21,41 @@ from redis.exceptions import NoScriptError, RedisError
 
 from proxy.errors import StoreError
 from proxy.quota.memory import (
+    AGG_TTL_SECONDS,
     RECORD_TTL_SECONDS,
+    SEEN_TTL_SECONDS,
     Counter,
     CounterKind,
     CounterView,
     Periods,
     Plan,
     admission_plan,
+    aggregate_fields,
+    aggregate_key,
+    aggregate_rows,
     decide,
+    index_key,
+    index_member,
     limit_states,
+    parse_index_member,
     plan,
     record_key,
     replayed_decision,
     reservation_plan,
+    seen_key,
     settle_delta,
     window_view,
 )
-from proxy.quota.store import Admission, Decision, Limit, LimitState, Reservation
+from proxy.quota.store import (
+    Admission,
+    AggregateDelta,
+    AggregateRow,
+    Decision,
+    Limit,
+    LimitState,
+    Reservation,
+    StoredKey,
+)
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -96,6 +115,8 @@ class RedisStore:
         self._connecting = asyncio.Lock()  # a burst before the first connect opens one client
         self._admit = _Script("admit.lua")
         self._settle = _Script("settle.lua")
+        self._record = _Script("record.lua")  # loaded by its first EVAL (see _run)
+        self._indexed: set[tuple[str, str]] = set()  # (day, member) this process put in a day index
 
     async def start(self) -> None:
         await self._connect()
@@ -163,6 +184,139 @@ class RedisStore:
         plan_ = plan(limits, tag, 0, 0, day, month)
         views = await self._read(plan_, now)
         return limit_states(limits, plan_, views, False, now, periods)
+
+    # ------------------------------------------------------------ usage aggregates, keys, events
+    async def settle_and_record(self, reservation: Reservation | None, usage: AggregateDelta,
+                                now: float) -> bool:
+        if reservation is not None and reservation.tag != usage.tag:
+            raise ValueError("a usage event must carry its reservation's hash tag")
+        await self._index(usage)
+        counters = reservation_plan(reservation).counters if reservation is not None else ()
+        request_id = reservation.request_id if reservation is not None else usage.event_id
+        keys = [self._key(seen_key(usage.tag, usage.event_id)),
+                self._key(record_key(usage.tag, request_id)),
+                self._key(aggregate_key(usage.tag, usage.day, usage.user, usage.team))]
+        keys += [self._key(c.key) for c in counters]
+        fields = aggregate_fields(usage)
+        args: list[str | int] = [_fmt(now), request_id, SEEN_TTL_SECONDS, AGG_TTL_SECONDS,
+                                 len(counters), len(fields)]
+        if reservation is not None:
+            bucket = math.floor(reservation.time)
+            tokens, cost = usage.totals.tokens, usage.totals.cost_micro_usd
+            for counter in counters:
+                args += [counter.kind.value, settle_delta(counter, reservation, tokens, cost), bucket,
+                         counter.ttl_seconds]
+        for name, value in fields:
+            args += [name, value]
+        reply = await self._run(self._record, keys, args)
+        try:
+            return bool(int(reply[0]))
+        except (TypeError, ValueError, IndexError) as exc:
+            raise StoreError(f"record.lua answered {reply!r}") from exc
+
+    async def _index(self, usage: AggregateDelta) -> None:
+        """List the event's aggregate hash in its day's index. The index key has no hash tag (it
+        spans subjects), so it cannot join the script; a process does it once per hash and day,
+        before the script, so a hash is never left unlisted."""
+        member = index_member(usage.tag, usage.user, usage.team)
+        if (usage.day, member) in self._indexed:
+            return
+        key = self._key(index_key(usage.day))
+        client = await self._connect()
+        try:
+            pipe = client.pipeline(transaction=False)
+            pipe.sadd(key, member)
+            pipe.expire(key, AGG_TTL_SECONDS)
+            await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis index write failed: {exc}") from exc
+        if len(self._indexed) >= 100_000:
+            self._indexed.clear()
+        self._indexed.add((usage.day, member))
+
+    async def aggregates(self, days: tuple[str, ...], user: str | None = None,
+                         team: str | None = None) -> tuple[AggregateRow, ...]:
+        client = await self._connect()
+        cells: list[tuple[str, str, str | None, str]] = []
+        try:
+            pipe = client.pipeline(transaction=False)
+            for day in days:
+                pipe.smembers(self._key(index_key(day)))
+            for day, members in zip(days, await pipe.execute() if days else [], strict=True):
+                for member in sorted(members):
+                    tag, u, t = parse_index_member(member)
+                    if (user is None or u == user) and (team is None or t == team):
+                        cells.append((day, u, t, self._key(aggregate_key(tag, day, u, t))))
+            pipe = client.pipeline(transaction=False)
+            for cell in cells:
+                pipe.hgetall(cell[3])
+            hashes = await pipe.execute() if cells else []
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis aggregates read failed: {exc}") from exc
+        rows: list[AggregateRow] = []
+        for (day, u, t, _), fields in zip(cells, hashes, strict=True):
+            rows += aggregate_rows(day, u, t, {_text(k): int(v) for k, v in fields.items()})
+        return tuple(rows)
+
+    async def put_key(self, key: StoredKey) -> None:
+        record = json.dumps({"key_id": key.key_id, "digest": key.digest, "user": key.user,
+                             "team": key.team, "plan": key.plan, "trusted": key.trusted,
+                             "created": key.created})
+        client = await self._connect()
+        try:
+            pipe = client.pipeline(transaction=False)
+            pipe.hset(self._key(_KEYS_BY_ID), key.key_id, key.digest)
+            pipe.hset(self._key(_KEYS_BY_DIGEST), key.digest, record)
+            await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis key write failed: {exc}") from exc
+
+    async def get_key(self, digest: str) -> StoredKey | None:
+        client = await self._connect()
+        try:
+            raw = await _awaited(client.hget(self._key(_KEYS_BY_DIGEST), digest))
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis key read failed: {exc}") from exc
+        return None if raw is None else _stored_key(raw)
+
+    async def list_keys(self) -> tuple[StoredKey, ...]:
+        client = await self._connect()
+        try:
+            raw = await _awaited(client.hgetall(self._key(_KEYS_BY_DIGEST)))
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis key read failed: {exc}") from exc
+        return tuple(sorted((_stored_key(v) for v in raw.values()), key=lambda k: k.created))
+
+    async def revoke_key(self, key_id: str) -> StoredKey | None:
+        client = await self._connect()
+        try:
+            digest = await _awaited(client.hget(self._key(_KEYS_BY_ID), key_id))
+            if digest is None:
+                return None
+            raw = await _awaited(client.hget(self._key(_KEYS_BY_DIGEST), digest))
+            pipe = client.pipeline(transaction=False)
+            pipe.hdel(self._key(_KEYS_BY_DIGEST), digest)  # first: lookups go by digest
+            pipe.hdel(self._key(_KEYS_BY_ID), key_id)
+            await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis key revoke failed: {exc}") from exc
+        return None if raw is None else _stored_key(raw)
+
+    async def append_events(self, events: Sequence[bytes], maxlen: int) -> None:
+        """The ledger's Redis stream sink: XADD each event, the stream capped near `maxlen`
+        (MAXLEN ~). At least once: a batch retried after a partial failure may repeat events,
+        which carry their event_id for consumers to drop duplicates."""
+        client = await self._connect()
+        try:
+            pipe = client.pipeline(transaction=False)
+            for event in events:
+                pipe.xadd(self._key(LEDGER_STREAM), {"event": event}, maxlen=maxlen, approximate=True)
+            await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"redis stream write failed: {exc}") from exc
+
+    def stream_key(self) -> str:
+        return self._key(LEDGER_STREAM)
 
     def _key(self, key: str) -> str:
         return self._prefix + key
@@ -238,6 +392,22 @@ class RedisStore:
         finally:
             await probe.aclose()
         return bool(int(info.get("cluster_enabled", 0)))
+
+
+LEDGER_STREAM = "ledger"
+# Stored virtual keys: two hashes sharing one hash tag, digest -> key record and id -> digest.
+_KEYS_BY_DIGEST = "{keys}:by-digest"
+_KEYS_BY_ID = "{keys}:by-id"
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+def _stored_key(raw: str | bytes) -> StoredKey:
+    d = json.loads(raw)
+    return StoredKey(str(d["key_id"]), str(d["digest"]), str(d["user"]), d.get("team"), d.get("plan"),
+                     bool(d.get("trusted")), float(d.get("created") or 0.0))
 
 
 def _awaited(reply: Awaitable[Any] | Any) -> Awaitable[Any]:
