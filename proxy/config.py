@@ -194,6 +194,8 @@ class Config(_Model):
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     drain_timeout: float = Field(30.0, ge=0)  # seconds SIGTERM waits for in-flight requests
+    client_body_timeout: float = Field(30.0, gt=0)  # seconds a client may take to send its body
+    client_idle_timeout: float = Field(75.0, gt=0)  # keep-alive, and a connection that sends nothing
     # Output tokens reserved when the client gives no max_tokens (reservation sizing caps it).
     default_max_output_tokens: int = Field(4096, ge=1)
     # Stream enforcement: end a stream whose output passes its reservation by this share.

@@ -41,6 +41,15 @@ class NotFound(ProxyError):
     anthropic_type = "not_found_error"
 
 
+class RequestTimeout(ProxyError):
+    """The client took too long to send its request body (slow-loris)."""
+
+    status = 408
+    code = "request_timeout"
+    openai_type = "invalid_request_error"
+    anthropic_type = "timeout_error"
+
+
 class PayloadTooLarge(ProxyError):
     status = 413
     code = "request_too_large"

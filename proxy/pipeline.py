@@ -5,6 +5,7 @@ too) as one tracked task, off the response path, that shutdown waits for.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -15,7 +16,7 @@ import orjson
 from aiohttp import web
 
 from .auth import END_USER_HEADER, presented_key
-from .errors import BadRequest, PayloadTooLarge, ProxyError
+from .errors import BadRequest, PayloadTooLarge, ProxyError, RequestTimeout
 from .estimate import Estimate, estimate
 from .providers import Adapter, Call, StreamTap
 from .quota.gate import Ticket
@@ -78,7 +79,11 @@ async def _run(request: web.Request, svc: Services, f: Flight) -> web.StreamResp
     # authenticate
     entry = await svc.keys.lookup(presented_key(request.headers, request.query))
     f.subject = svc.keys.subject(entry, request.headers.get(END_USER_HEADER))
-    raw = await _read_body(request, svc.config.max_body_bytes)
+    try:
+        async with asyncio.timeout(svc.config.client_body_timeout):
+            raw = await _read_body(request, svc.config.max_body_bytes)
+    except TimeoutError:
+        raise RequestTimeout(f"The request body did not arrive within {svc.config.client_body_timeout:g}s.") from None
     body = _parse_json(raw, request)
     if target is None:
         target = svc.router.by_model(request.path, body.get("model") if body else None)
