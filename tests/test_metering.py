@@ -506,6 +506,39 @@ async def test_cut_stream_with_cumulative_usage_meters_the_last_report(proxy: Pr
         assert (ev["output_source"], ev["cut_short"]) == ("provider", True)
 
 
+@pytest.mark.parametrize("raw", [RAW[0], RAW[3]], ids=["openai-chat", "anthropic"])
+async def test_provider_error_event_mid_stream_is_metered_and_recorded(raw: Raw, proxy: Proxy, fake: FakeProvider,
+                                                                      tokenizer: Tokenizer) -> None:
+    status, body = await post_raw(proxy, raw, x_fake_error_after="3")
+    assert status == 200 and (b"fake mid-stream error" in body or b"Overloaded" in body)
+    ev = await only_event(proxy)
+    # Anthropic's message_start said output_tokens 1: the text that followed is the better count.
+    assert ev["output_tokens"] == tokenizer.count_text(raw.model, reply_text(3))
+    assert ev["error"] and ev["status"] == 200
+
+
+def test_settle_adds_text_after_cumulative_usage_and_takes_the_larger_otherwise(tokenizer: Tokenizer) -> None:
+    from proxy.estimate import Estimate
+    from proxy.providers import Call
+    from proxy.records import CountSource, Usage
+    from proxy.relay import Relayed
+    from proxy.settle import actual_usage
+
+    call = Call(ApiKind.GENERATE, "/v1beta/models/gemini-2.5-flash:streamGenerateContent", "gemini-2.5-flash", True)
+    est = Estimate("gemini-2.5-flash", 9, CountSource.ESTIMATE, 100, None, 1, 0, True)
+    reported = Usage(TokenCounts(input=7, output=5, reasoning=2), model="gemini-2.5-flash")
+    tail = " and then some more words"
+    n = tokenizer.count_text("gemini-2.5-flash", tail)
+    got = Relayed(200, reported, output_final=False, text=lambda: tail, streamed=True, text_beyond_usage=True)
+    usage = actual_usage(call, est, got, tokenizer)
+    assert usage.tokens == TokenCounts(input=7, output=5 + n, reasoning=2)
+    assert usage.input_source == CountSource.PROVIDER
+    got = Relayed(200, reported, output_final=False, text=lambda: tail, streamed=True, text_beyond_usage=False)
+    assert actual_usage(call, est, got, tokenizer).tokens.output == max(5, n)
+    got = Relayed(200, reported, output_final=True, text=lambda: tail, streamed=True, text_beyond_usage=True)
+    assert actual_usage(call, est, got, tokenizer) == reported  # final usage is the truth
+
+
 async def test_malformed_sse_line_is_relayed_and_metering_holds(proxy: Proxy, fake: FakeProvider,
                                                                 tokenizer: Tokenizer) -> None:
     body = {"model": "gpt-4o-mini", "messages": CHAT, "stream": True, "stream_options": {"include_usage": True}}
