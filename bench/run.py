@@ -27,6 +27,7 @@ from loadgen import Identity, StreamResult, WrkResult, run_streams, run_wrk, wrk
 
 ALL_TARGETS = ("direct", "floor", "memory", "redis", "litellm")
 PHASES = ("rps", "latency", "stream")
+SMOKE_PHASES = ("rps", "stream")  # enough to prove each target serves plain requests and streams
 MIB = 1024 * 1024
 
 
@@ -36,6 +37,8 @@ class Target:
     port: int
     path: str  # request path for the chosen API
     proc: h.Proc | None  # None for direct: nothing sits between client and upstream
+    ident: Identity
+    script: Path  # the wrk Lua script for this target's identity
     samples: dict[str, list[dict[str, float]]] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     rss_bytes: int = 0
@@ -57,8 +60,8 @@ class Plan:
     latency_conns: int
     stream_conns: int
     api: str
-    ident: Identity
     load_cores: str | None
+    phases: tuple[str, ...] = ("rps", "latency", "stream")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,11 +76,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", default="", help=f"comma list of targets from {','.join(ALL_TARGETS)}; "
                    "direct always runs (it is the baseline for added latency)")
     p.add_argument("--smoke", action="store_true",
-                   help="quick check: 1 s phases, 1 round, no warm-up; fails if any target fails")
-    p.add_argument("--users", type=int, default=0,
-                   help="rotate x-meterproxy-user over N end users through a trusted key")
-    p.add_argument("--keys", type=int, default=1,
-                   help="configure N virtual keys and rotate the load across them")
+                   help="quick check (~15 s): 1 s phases, 1 round, no warm-up, no 1-connection latency "
+                   "phase; exits 1 if any target fails to serve")
+    p.add_argument("--users", type=_int_list, default=[0],
+                   help="rotate x-meterproxy-user over N end users through a trusted key; a comma "
+                   "list (10,100000) runs one meterproxy per value in the same run")
+    p.add_argument("--keys", type=_int_list, default=[1],
+                   help="configure N virtual keys and rotate the load across them; a comma list "
+                   "(10,10000) runs one meterproxy per value in the same run")
     p.add_argument("--workers", type=int, default=1, help="meterproxy --workers N")
     p.add_argument("--api", choices=("openai", "anthropic"), default="openai",
                    help="chat completions or messages (default openai)")
@@ -91,9 +97,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, help="also write raw samples and the summary here")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs, ledgers)")
     args = p.parse_args(argv)
+    if len(args.users) > 1 and len(args.keys) > 1:
+        p.error("give a list to --users or to --keys, not to both")
     if args.smoke:
         args.duration, args.rounds, args.warmup = 1, 1, 0
     return args
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma list of integers: {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("empty list")
+    return values
+
+
+def identities(args: argparse.Namespace) -> list[Identity]:
+    """One identity per scaling variant (a single one unless --users or --keys got a list)."""
+    return [Identity(keys=max(1, k), users=max(0, u)) for u in args.users for k in args.keys]
+
+
+def variant_label(ident: Identity, several: bool) -> str:
+    if not several:
+        return ""
+    return f" users={ident.users}" if ident.users else f" keys={ident.keys}"
 
 
 def selected_targets(only: str) -> list[str]:
@@ -117,61 +146,82 @@ def api_paths(api: str) -> tuple[str, str, bytes, bytes]:
 
 
 def start_targets(args: argparse.Namespace, names: list[str], procs: h.Procs, pin: h.Pinning,
-                  upstream_port: int) -> tuple[list[Target], list[str]]:
-    """Start every selected target in parallel; a target that fails to start is reported, not fatal."""
+                  upstream_port: int, body: bytes) -> tuple[list[Target], list[str]]:
+    """Start every selected target in parallel; a target that fails to start is reported, not fatal.
+
+    meterproxy targets are started once per identity variant, so scaling is compared in one run.
+    """
     path, prefix, _, _ = api_paths(args.api)
     workdir = procs.workdir
-    starters: dict[str, Callable[[int], h.Proc]] = {}
+    idents = identities(args)
+    several = len(idents) > 1
+    # name -> (starter, identity, path)
+    plans: dict[str, tuple[Callable[[int], h.Proc], Identity, str]] = {}
     if "floor" in names:
-        starters["floor"] = lambda port: h.start_floor(procs, pin, port, upstream_port)
-    if "memory" in names:
-        cfg = h.meterproxy_config(workdir, "memory", upstream_port, "memory", args.keys)
-        starters["memory"] = lambda port: h.start_meterproxy(procs, pin, "memory", port, cfg, args.workers)
-    if "redis" in names:
-        def start_redis_target(port: int) -> h.Proc:
-            rport = h.free_port()
-            h.start_redis(procs, pin, rport)
-            cfg = h.meterproxy_config(workdir, "redis", upstream_port, f"redis://127.0.0.1:{rport}/0", args.keys)
-            return h.start_meterproxy(procs, pin, "redis", port, cfg, args.workers)
-        starters["redis"] = start_redis_target
+        plans["floor"] = (lambda port: h.start_floor(procs, pin, port, upstream_port), idents[0], path)
+    for n, ident in enumerate(idents):
+        label = variant_label(ident, several)
+        slug = f"-{n}" if several else ""
+        if "memory" in names:
+            cfg = h.meterproxy_config(workdir, f"memory{slug}", upstream_port, "memory", ident.keys)
+            plans["memory" + label] = (_meterproxy_starter(procs, pin, f"memory{slug}", cfg, args.workers),
+                                       ident, prefix + path)
+        if "redis" in names:
+            plans["redis" + label] = (_redis_starter(procs, pin, f"redis{slug}", upstream_port, ident.keys,
+                                                     args.workers), ident, prefix + path)
     litellm_bin = os.environ.get("LITELLM_BIN")
     if "litellm" in names and litellm_bin:
         cfg_l = h.litellm_config(workdir, upstream_port)
-        starters["litellm"] = lambda port: h.start_litellm(procs, pin, litellm_bin, port, cfg_l)
+        plans["litellm"] = (lambda port: h.start_litellm(procs, pin, litellm_bin, port, cfg_l), idents[0], path)
 
-    targets = [Target("direct", upstream_port, path, None)]
+    def script(ident: Identity) -> Path:
+        return wrk_script(workdir / f"load-k{ident.keys}-u{ident.users}.lua", body, ident)
+
+    targets = [Target("direct", upstream_port, path, None, idents[0], script(idents[0]))]
     problems: list[str] = []
-    with ThreadPoolExecutor(max_workers=max(1, len(starters))) as pool:
-        ports = {name: h.free_port() for name in starters}
-        futures = {name: pool.submit(fn, ports[name]) for name, fn in starters.items()}
-        for name in names:
-            if name not in futures:
-                continue
+    with ThreadPoolExecutor(max_workers=max(1, len(plans))) as pool:
+        ports = {name: h.free_port() for name in plans}
+        futures = {name: pool.submit(fn, ports[name]) for name, (fn, _, _) in plans.items()}
+        for name, (_, ident, tpath) in plans.items():
             try:
                 proc = futures[name].result()
             except (h.StartError, OSError) as exc:
                 problems.append(f"{name}: failed to start: {exc}")
                 continue
-            tpath = prefix + path if name in ("memory", "redis") else path
-            targets.append(Target(name, ports[name], tpath, proc))
+            targets.append(Target(name, ports[name], tpath, proc, ident, script(ident)))
     return targets, problems
+
+
+def _meterproxy_starter(procs: h.Procs, pin: h.Pinning, name: str, cfg: Path,
+                        workers: int) -> Callable[[int], h.Proc]:
+    return lambda port: h.start_meterproxy(procs, pin, name, port, cfg, workers)
+
+
+def _redis_starter(procs: h.Procs, pin: h.Pinning, name: str, upstream_port: int, keys: int,
+                   workers: int) -> Callable[[int], h.Proc]:
+    def start(port: int) -> h.Proc:
+        rport = h.free_port()
+        h.start_redis(procs, pin, rport)
+        cfg = h.meterproxy_config(procs.workdir, name, upstream_port, f"redis://127.0.0.1:{rport}/0", keys)
+        return h.start_meterproxy(procs, pin, name, port, cfg, workers)
+    return start
 
 
 # --- measuring ---------------------------------------------------------------------------
 
 
-def measure(target: Target, phase: str, plan: Plan, scripts: dict[str, Path], stream_body: bytes) -> None:
+def measure(target: Target, phase: str, plan: Plan, stream_body: bytes) -> None:
     pids = target.pids()
     cpu0 = h.cpu_seconds(pids)
     t0 = time.perf_counter()
     sample: dict[str, float]
     if phase == "rps":
-        r = run_wrk(target.url, scripts["plain"], plan.conns, plan.duration_s, plan.load_cores)
+        r = run_wrk(target.url, target.script, plan.conns, plan.duration_s, plan.load_cores)
         sample = {"rps": r.rps, "requests": r.requests, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms}
         _check_wrk(target, phase, r)
         count = r.requests
     elif phase == "latency":
-        r = run_wrk(target.url, scripts["plain"], plan.latency_conns, plan.duration_s, plan.load_cores)
+        r = run_wrk(target.url, target.script, plan.latency_conns, plan.duration_s, plan.load_cores)
         sample = {"requests": r.requests, "p50_ms": r.p50_ms, "p90_ms": r.p90_ms, "p99_ms": r.p99_ms,
                   "mean_ms": r.mean_ms}
         _check_wrk(target, phase, r)
@@ -200,7 +250,7 @@ def _check_wrk(target: Target, phase: str, r: WrkResult) -> None:
 
 
 def _run_stream_phase(target: Target, plan: Plan, body: bytes) -> StreamResult:
-    coro = run_streams(target.port, target.path, body, plan.ident, plan.api, plan.stream_conns,
+    coro = run_streams(target.port, target.path, body, target.ident, plan.api, plan.stream_conns,
                        plan.duration_s)
     try:
         import uvloop
@@ -209,9 +259,9 @@ def _run_stream_phase(target: Target, plan: Plan, body: bytes) -> StreamResult:
     return uvloop.run(coro)
 
 
-def warm_up(target: Target, plan: Plan, scripts: dict[str, Path]) -> None:
+def warm_up(target: Target, plan: Plan) -> None:
     if plan.warmup_s > 0:
-        run_wrk(target.url, scripts["plain"], plan.conns, plan.warmup_s, plan.load_cores)
+        run_wrk(target.url, target.script, plan.conns, plan.warmup_s, plan.load_cores)
 
 
 # --- reporting ---------------------------------------------------------------------------
@@ -229,10 +279,10 @@ def added(target: Target, direct: Target, key: str) -> float:
     return statistics.median(diffs) if diffs else float("nan")
 
 
-def fmt(value: float, digits: int = 0, suffix: str = "") -> str:
+def fmt(value: float, digits: int = 0, suffix: str = "", signed: bool = False) -> str:
     if value is None or math.isnan(value):
         return "—"
-    return f"{value:,.{digits}f}{suffix}"
+    return f"{value:{'+' if signed else ''},.{digits}f}{suffix}"
 
 
 def summarize(targets: list[Target]) -> dict[str, dict[str, float]]:
@@ -270,7 +320,7 @@ def table(summary: dict[str, dict[str, float]], targets: list[Target], plan: Pla
     for t in targets:
         r = summary[t.name]
         added_cell = "—" if t.name == "direct" else (
-            f"+{fmt(r['added_p50_ms'], 2)} / +{fmt(r['added_p99_ms'], 2)}")
+            f"{fmt(r['added_p50_ms'], 2, signed=True)} / {fmt(r['added_p99_ms'], 2, signed=True)}")
         lines.append(
             f"| {t.name} | {fmt(r['rps'])} | {fmt(r.get('rps_x_floor', math.nan), 2)} "
             f"| {fmt(r['p50_ms'], 2)} | {fmt(r['p99_ms'], 2)} | {added_cell} "
@@ -305,23 +355,37 @@ def goals(summary: dict[str, dict[str, float]]) -> list[tuple[bool, str]]:
             out.append((r["added_p50_ms"] <= lite["added_p50_ms"] / 10,
                         f"{name}: added p50 {r['added_p50_ms']:.2f} ms vs LiteLLM "
                         f"{lite['added_p50_ms']:.2f} (goal ≤ 1/10)"))
+    return out + scaling_goals(summary)
+
+
+def scaling_goals(summary: dict[str, dict[str, float]]) -> list[tuple[bool, str]]:
+    """With a --users or --keys list: CPU per request flat (within 10 %) across the variants."""
+    out: list[tuple[bool, str]] = []
+    for store in ("memory", "redis"):
+        rows = {n: r for n, r in summary.items() if n.startswith(store + " ")}
+        costs = [r["cpu_ms_per_req"] for r in rows.values() if not math.isnan(r["cpu_ms_per_req"])]
+        if len(costs) < 2:
+            continue
+        spread = max(costs) / min(costs) - 1
+        detail = ", ".join(f"{n.split(' ', 1)[1]}: {r['cpu_ms_per_req']:.3f}" for n, r in rows.items())
+        out.append((spread <= 0.10, f"{store}: CPU ms/req {detail}; spread {spread * 100:.0f}% (goal ≤ 10%)"))
     return out
 
 
 # --- main --------------------------------------------------------------------------------
 
 
-def run_rounds(targets: list[Target], plan: Plan, scripts: dict[str, Path], stream_body: bytes,
+def run_rounds(targets: list[Target], plan: Plan, stream_body: bytes,
                started: float) -> None:
     for t in targets:
-        warm_up(t, plan, scripts)
+        warm_up(t, plan)
     for rnd in range(plan.rounds):
         # Rotate the order each round so no target always runs first (or right after a heavy one).
         order = targets[rnd % len(targets):] + targets[: rnd % len(targets)]
-        for phase in PHASES:
+        for phase in plan.phases:
             for t in order:
                 try:
-                    measure(t, phase, plan, scripts, stream_body)
+                    measure(t, phase, plan, stream_body)
                 except (RuntimeError, subprocess.TimeoutExpired) as exc:
                     t.failures.append(f"{phase}: {exc}")
         print(f"# round {rnd + 1}/{plan.rounds} done at {time.monotonic() - started:.0f} s", file=sys.stderr)
@@ -375,9 +439,8 @@ def main(argv: list[str] | None = None) -> int:
         # The orchestrator runs the stream client, so it belongs with the load side.
         os.sched_setaffinity(0, {int(c) for c in pin.load.split(",")})
     _, _, body, stream_body = api_paths(args.api)
-    ident = Identity(keys=max(1, args.keys), users=max(0, args.users))
     plan = Plan(args.duration, args.rounds, args.warmup, args.conns, 1, args.stream_conns, args.api,
-                ident, pin.load)
+                pin.load, SMOKE_PHASES if args.smoke else PHASES)
     workdir = Path(tempfile.mkdtemp(prefix="meterbench-"))
     procs = h.Procs(workdir)
     started = time.monotonic()
@@ -386,11 +449,10 @@ def main(argv: list[str] | None = None) -> int:
         h.start_fake(procs, pin, fake_port, ["--latency-ms", str(args.upstream_latency_ms),
                                              "--chunk-interval-ms", str(args.chunk_interval_ms),
                                              "--stream-tokens", str(args.stream_tokens)])
-        targets, problems = start_targets(args, names, procs, pin, fake_port)
-        scripts = {"plain": wrk_script(workdir / "plain.lua", body, ident)}
+        targets, problems = start_targets(args, names, procs, pin, fake_port, body)
         print(f"# pinning: load side on cores {pin.load or 'any'}, proxy on {pin.proxy or 'any'}; "
               f"{args.rounds} round(s) × {args.duration} s per phase; workdir {workdir}", file=sys.stderr)
-        run_rounds(targets, plan, scripts, stream_body, started)
+        run_rounds(targets, plan, stream_body, started)
         code = report(args, targets, plan, problems)
         print(f"# total {time.monotonic() - started:.1f} s", file=sys.stderr)
         return code

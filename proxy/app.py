@@ -25,7 +25,6 @@ from .pricing import PriceTable
 from .providers import build_adapter
 from .quota.gate import Gate
 from .quota.memory import MemoryStore
-from .quota.redis_store import RedisStore
 from .quota.store import QuotaStore
 from .resilience import Breaker
 from .route import Router
@@ -63,6 +62,8 @@ def build_store(config: Config) -> QuotaStore:
     tz = ZoneInfo(config.timezone)
     if config.store == "memory":
         return MemoryStore(tz=tz)
+    from .quota.redis_store import RedisStore  # imported only when used: redis-py costs memory
+
     return RedisStore(config.store, tz=tz, timeout_seconds=config.store_timeout)
 
 
@@ -96,7 +97,7 @@ def build_services(config: Config, config_path: str, old: Services) -> Services:
         raise ConfigError(f"{config_path}: ledger.path: changing the ledger file needs a restart")
     tok = old.tokenizer
     if config.tokenizer != old.config.tokenizer:
-        tok = Tokenizer(config.tokenizer.encodings, config.tokenizer.default_encoding)
+        tok = Tokenizer(config.tokenizer.encodings, config.tokenizer.default_encoding, lazy=True)
         tok.load()
     gate = Gate(config, old.gate.store, prices, old.metrics, ZoneInfo(config.timezone))
     gate.adopt(old.gate)
@@ -131,7 +132,7 @@ def _services_ctx(tokenizer: Tokenizer | None):  # type: ignore[no-untyped-def]
         config = app[CONFIG]
         multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         metrics = Metrics(app[REGISTRY], config.metrics.max_user_labels, config.metrics.max_team_labels, multiprocess)
-        tok = tokenizer or Tokenizer(config.tokenizer.encodings, config.tokenizer.default_encoding)
+        tok = tokenizer or Tokenizer(config.tokenizer.encodings, config.tokenizer.default_encoding, lazy=True)
         await asyncio.to_thread(tok.load)  # encodings load once, off the event loop
         metrics.tokenizer_fallback.set(1 if tok.fallback else 0)
         prices = load_prices(config, app[CONFIG_PATH])

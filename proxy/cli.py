@@ -28,9 +28,29 @@ class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out = {"time": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
                "message": record.getMessage()}
+        rid = getattr(record, "request_id", None)
+        if rid is not None:
+            out["request_id"] = rid
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out)
+
+
+class _RedactRefusedRequests(logging.Filter):
+    """aiohttp logs a request its parser refused with the offending bytes, which may hold a key:
+    keep only the status and the kind of error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg = "refused a malformed request (%s %s)"
+            record.args = (exc.code, type(exc).__name__)
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
 
 
 def setup_logging(level: str, fmt: str) -> None:
@@ -43,6 +63,7 @@ def setup_logging(level: str, fmt: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)  # no per-request INFO on the hot path
+    logging.getLogger("aiohttp.server").addFilter(_RedactRefusedRequests())
 
 
 def _load(path: str) -> Config:

@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Sequence
 from itertools import islice
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import orjson
 
@@ -49,8 +49,10 @@ def event_of(rec: UsageRecord) -> dict[str, Any]:
     }
 
 
+@runtime_checkable
 class EventStream(Protocol):
-    """A Redis stream to append ledger events to (the redis store implements it)."""
+    """A Redis stream to append ledger events to (the redis store implements it, the memory one
+    does not: `isinstance(store, EventStream)` tells)."""
 
     async def append_events(self, events: Sequence[bytes], maxlen: int) -> None: ...
 
@@ -70,6 +72,10 @@ class _Sink:
     async def close(self) -> None:
         return None
 
+    async def idle(self) -> None:
+        """Called when no event came for a while."""
+        return None
+
 
 class _FileSink(_Sink):
     name = "file"
@@ -82,6 +88,7 @@ class _FileSink(_Sink):
         self.closing = False
         self._file: Any = None
         self._last_fsync = 0.0
+        self._dirty = False  # written but not fsynced yet
 
     async def write(self, lines: list[bytes]) -> None:
         try:
@@ -94,21 +101,33 @@ class _FileSink(_Sink):
         if self._file is not None:
             await asyncio.to_thread(self._close_file)
 
+    async def idle(self) -> None:
+        # The last batch before a lull is fsynced within the interval too, not at the next write.
+        if self._dirty and self._file is not None:
+            try:
+                await asyncio.to_thread(self._fsync)
+            except OSError as e:
+                log.error("fsync of %s failed: %s", self.path, e)
+
+    def _fsync(self) -> None:
+        os.fsync(self._file.fileno())
+        self._last_fsync = time.monotonic()
+        self._dirty = False
+
     def _append(self, data: bytes) -> None:
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "ab")  # noqa: SIM115 - held open across batches
         self._file.write(data)
         self._file.flush()
-        now = time.monotonic()
-        if self.closing or now - self._last_fsync >= self.fsync_interval:
-            os.fsync(self._file.fileno())
-            self._last_fsync = now
+        self._dirty = True
+        if self.closing or time.monotonic() - self._last_fsync >= self.fsync_interval:
+            self._fsync()
         if self._file.tell() >= self.rotate_bytes:
             self._rotate()
 
     def _rotate(self) -> None:
-        os.fsync(self._file.fileno())
+        self._fsync()
         self._file.close()
         self._file = None
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
@@ -124,7 +143,7 @@ class _FileSink(_Sink):
             self._file = None
 
     def _close_file(self) -> None:
-        os.fsync(self._file.fileno())
+        self._fsync()
         self._file.close()
         self._file = None
 
@@ -200,8 +219,10 @@ class Ledger:
                 if self._closing:
                     return
                 self._wake.clear()
-                with contextlib.suppress(TimeoutError):
+                try:
                     await asyncio.wait_for(self._wake.wait(), self.fsync_interval or None)
+                except TimeoutError:
+                    await sink.idle()
                 continue
             batch = list(islice(self._queue, sink.done, sink.done + _MAX_BATCH))
             try:

@@ -22,7 +22,7 @@ from .providers import Adapter, Call, StreamTap
 from .quota.gate import Ticket
 from .records import Subject, UsageRecord
 from .relay import Relayed, relay_body, relay_stream
-from .resilience import Attempt, forward
+from .resilience import Attempt, AttemptsFailed, forward
 from .route import Target
 from .services import SERVICES, TRACKER, Services
 from .settle import actual_usage
@@ -69,7 +69,10 @@ async def handle(request: web.Request) -> web.StreamResponse:
     finally:
         if f.adapter is not None:
             svc.metrics.inflight.labels(f.adapter.name).dec()
-        if f.subject is not None and f.call is not None:
+        if f.subject is not None:
+            if f.call is None:  # refused after authentication (body, route): still one metered request
+                f.adapter = f.adapter or svc.guess_adapter(request)
+                f.call = f.adapter.call(request.method, "/", request.query, None)
             request.app[TRACKER].spawn(_settle_and_record(svc, f, time.perf_counter()))
 
 
@@ -110,8 +113,12 @@ async def _run(request: web.Request, svc: Services, f: Flight) -> web.StreamResp
         if changed or prepared:
             out = orjson.dumps(body)  # only re-serialized when something in it changed
     f.t_forward = time.perf_counter()
-    outcome = await forward(svc.session, _attempts(svc, target, call, est.model, request), svc.breakers, call,
-                            request, out, lambda name, kind: svc.metrics.upstream_errors.labels(name, kind).inc())
+    try:
+        outcome = await forward(svc.session, _attempts(svc, target, call, est.model, request), svc.breakers, call,
+                                request, out, lambda name, kind: svc.metrics.upstream_errors.labels(name, kind).inc())
+    except AttemptsFailed as e:
+        f.retries = e.retries
+        raise e.error from None
     upstream, f.retries = outcome.upstream, outcome.retries
     # relay
     if call.stream and upstream.status < 300:
@@ -164,7 +171,8 @@ def _type_name(kind: type | tuple[type, ...]) -> str:
 
 def _attempts(svc: Services, target: Target, call: Call, model: str, request: web.Request) -> list[Attempt]:
     """The routed provider, then other deployments of the model, then its configured fallbacks."""
-    raw = request.raw_path.split("?", 1)[0][target.strip:] or "/"
+    # rel_url, not raw_path: an absolute-form request line (`POST http://host/...`) keeps only its path.
+    raw = request.rel_url.raw_path[target.strip:] or "/"
     primary = target.adapter
     out = [Attempt(primary, raw)]
     for name in (*target.alternates, *primary.config.fallbacks):
@@ -210,6 +218,11 @@ async def _settle_and_record(svc: Services, f: Flight, t_end: float) -> None:
         svc.metrics.upstream_errors.labels(f.adapter.name, kind).inc()
     svc.metrics.observe(rec, overhead)
     svc.ledger.write(rec)
+    # One line per request: a warning when the upstream failed it, else debug. Only the key's short id.
+    log.log(logging.WARNING if rec.status >= 500 or kind is not None else logging.DEBUG,
+            "request %s: %s %s %s -> %d%s (user %s, key %s, %d retries, %.3fs)", rec.request_id, rec.provider,
+            rec.api_kind, rec.model, rec.status, f" {rec.error}" if rec.error else "", rec.user, rec.key_id,
+            rec.retries, rec.latency_seconds, extra={"request_id": rec.request_id})
 
 
 def _upstream_error_kind(f: Flight, got: Relayed | None) -> str | None:

@@ -68,6 +68,15 @@ class Outcome:
     retries: int
 
 
+class AttemptsFailed(Exception):
+    """No attempt got an answer: the last error, and the retries made (the usage event records them)."""
+
+    def __init__(self, error: ProxyError, retries: int) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.retries = retries
+
+
 async def forward(
     session: aiohttp.ClientSession,
     attempts: list[Attempt],
@@ -120,7 +129,7 @@ async def forward(
     if last_response is not None:  # out of attempts: the client gets the provider's own answer
         return Outcome(last_response, last_adapter, retries)
     assert last is not None
-    raise last
+    raise AttemptsFailed(last, retries)
 
 
 def _backoff(base: float, n: int, resp: aiohttp.ClientResponse | None) -> float:

@@ -112,6 +112,24 @@ class _ModelCounter:
     known: bool  # the model matched config or the built-in table (not a default guess)
 
 
+def _slim(encoding: Encoding) -> Encoding:
+    """Drop tiktoken's Python copy of the BPE ranks: the Rust core keeps its own, and the dict
+    (used only to pickle an Encoding) costs ~30 MiB per encoding."""
+    if hasattr(encoding, "_core_bpe") and hasattr(encoding, "_mergeable_ranks"):
+        encoding._mergeable_ranks = {}
+    return encoding
+
+
+def _trim_heap() -> None:
+    """Hand the memory freed by `_slim` back to the OS (glibc keeps it otherwise)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def estimate_from_bytes(text: str) -> int:
     """Fallback count: UTF-8 length / 4, rounded up (OpenAI's rule of thumb for English)."""
     if text.isascii():
@@ -132,6 +150,7 @@ class Tokenizer:
         default_encoding: str = "o200k_base",
         *,
         loader: EncodingLoader | None = None,
+        lazy: bool = False,
     ) -> None:
         self._globs: tuple[tuple[str, str], ...] = tuple(
             (pattern.lower(), name) for pattern, name in (encoding_by_model or {}).items()
@@ -143,6 +162,10 @@ class Tokenizer:
         self._fallback = False
         self._lock = threading.Lock()
         self._models: dict[str, _ModelCounter] = {}
+        # lazy: load() takes only the default encoding; others load on first use, in a thread,
+        # with the default standing in meanwhile (each encoding costs 40-80 MiB of memory).
+        self._lazy = lazy
+        self._pending: set[str] = set()
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -151,11 +174,12 @@ class Tokenizer:
         with self._lock:
             if self._loaded:
                 return
-            required = dict.fromkeys((*_BASE_ENCODINGS, self._default_encoding))
-            optional = [name for _, name in self._globs if name not in required]
+            required = dict.fromkeys((self._default_encoding,) if self._lazy
+                                     else (*_BASE_ENCODINGS, self._default_encoding))
+            optional = [] if self._lazy else [name for _, name in self._globs if name not in required]
             try:
                 for name in required:
-                    self._encodings[name] = self._loader(name)
+                    self._encodings[name] = _slim(self._loader(name))
             except Exception as exc:  # tiktoken raises requests/OS/value errors; any means "none"
                 self._encodings.clear()
                 self._fallback = True
@@ -169,7 +193,7 @@ class Tokenizer:
             else:
                 for name in dict.fromkeys(optional):
                     try:
-                        self._encodings[name] = self._loader(name)
+                        self._encodings[name] = _slim(self._loader(name))
                     except Exception as exc:  # a bad configured name must not stop the proxy
                         logger.warning(
                             "encoding %r from config could not be loaded (%s); models mapped to it "
@@ -180,6 +204,7 @@ class Tokenizer:
                         )
             self._models.clear()
             self._loaded = True
+        _trim_heap()
 
     @property
     def fallback(self) -> bool:
@@ -223,6 +248,11 @@ class Tokenizer:
             return counter
         self._ensure_loaded()
         name, known = self._lookup(model)
+        if self._lazy and name not in self._encodings and not self._fallback:
+            self._load_later(name)
+            encoding = self._encodings.get(self._default_encoding)
+            if encoding is not None:  # a stand-in until the real one is loaded: not cached
+                return _ModelCounter(name, _encoded_length(encoding), FUNC_INIT_O200K, known)
         encoding = self._encodings.get(name) or self._encodings.get(self._default_encoding)
         count = estimate_from_bytes if encoding is None else _encoded_length(encoding)
         actual = encoding.name if encoding is not None else name
@@ -232,6 +262,22 @@ class Tokenizer:
             self._models.clear()  # client-chosen names: keep the cache bounded, simply
         self._models[model] = counter
         return counter
+
+    def _load_later(self, name: str) -> None:
+        with self._lock:
+            if name in self._pending:
+                return
+            self._pending.add(name)
+
+        def run() -> None:
+            try:
+                self._encodings[name] = _slim(self._loader(name))
+                self._models.clear()  # counters built with the stand-in are rebuilt
+            except Exception as exc:  # keep the stand-in for good
+                logger.warning("encoding %r could not be loaded (%s); using %s", name, exc, self._default_encoding)
+                self._encodings[name] = self._encodings[self._default_encoding]
+
+        threading.Thread(target=run, name=f"tiktoken-{name}", daemon=True).start()
 
     # -- counting ------------------------------------------------------------------------------
 

@@ -3,6 +3,9 @@ forecast. Pure logic (no I/O): the admin API and the CLI read rows from the stor
 """
 from __future__ import annotations
 
+import csv
+import io
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
@@ -148,7 +151,8 @@ def forecast(daily_micro_usd: Mapping[str, int], now: datetime, budget_micro_usd
 
     month-end = month-to-date + burn × days left, where burn is the average daily spend over the
     `TRAILING_DAYS` full days before today (today is partial, so it counts toward month-to-date
-    but not the rate) and days left is the exact fraction from `now` to the month's end. The budget
+    but not the rate) and days left is the exact fraction from `now` to the month's end, counted on
+    the calendar (wall clock: a day that changes summer time is still one day of spend). The budget
     runs out on the day month-to-date + burn × t reaches it, if that is before the month ends
     (today if it already has)."""
     today = now.date()
@@ -179,3 +183,43 @@ def _days(delta: timedelta) -> Fraction:
 def _round(x: Fraction) -> int:
     """To the nearest micro-dollar, halves up (money is never negative here)."""
     return int(x + Fraction(1, 2))
+
+
+# ---------------------------------------------------------------- rendering (CLI)
+
+
+def render(rows: list[dict[str, object]], columns: list[str], fmt: str) -> str:
+    """Rows as an aligned text table, CSV or JSON (an array of objects)."""
+    if fmt == "json":
+        return json.dumps(rows, indent=2)
+    cells = [["" if r.get(c) is None else str(r.get(c)) for c in columns] for r in rows]
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows(cells)
+        return out.getvalue().rstrip("\n")
+    widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(columns)]
+    numeric = [all(_numeric(row[i]) for row in cells) and bool(cells) for i in range(len(columns))]
+    lines = ["  ".join(c.rjust(w) if n else c.ljust(w) for c, w, n in zip(columns, widths, numeric, strict=True))]
+    for row in cells:
+        lines.append("  ".join(v.rjust(w) if n else v.ljust(w) for v, w, n in zip(row, widths, numeric, strict=True)))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _numeric(text: str) -> bool:
+    try:
+        Decimal(text)
+    except ArithmeticError:
+        return False
+    return True
+
+
+def forecast_line(label: str, f: Forecast) -> str:
+    line = (f"forecast for {label} ({f.month}): month to date ${usd(f.month_to_date_micro_usd)}, "
+            f"burn ${usd(f.burn_micro_usd_per_day)}/day (trailing {TRAILING_DAYS} days), "
+            f"month end ${usd(f.month_end_micro_usd)}")
+    if f.budget_micro_usd is not None:
+        when = f.runs_out_on.isoformat() if f.runs_out_on else "not this month"
+        line += f"; budget ${usd(f.budget_micro_usd)} runs out: {when}"
+    return line

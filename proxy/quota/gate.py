@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import heapq
-import itertools
 import logging
 import math
 import time
@@ -29,16 +27,19 @@ from ..records import Subject, UsageRecord
 from ..tokens import Tokenizer
 from .limits import CLAMPABLE, OUTPUT_LIMITS, LimitBook, describe, rate_headers, refusal
 from .memory import MemoryStore
+from .slots import ProviderSlot
 from .store import (
     MONEY_LIMITS,
     TOKEN_LIMITS,
     Admission,
+    AggregateDelta,
     Decision,
     Limit,
     LimitName,
     LimitState,
     QuotaStore,
     Reservation,
+    Totals,
 )
 
 log = logging.getLogger("meterproxy.quota")
@@ -72,7 +73,7 @@ class Ticket:
     clamp_output: int | None = None  # lower max_tokens (per choice) to this before forwarding
     reserved_output: int = 0  # output tokens reserved, all choices together
     local: bool = False  # admitted on local counters while the store was down
-    slot: _Slot | None = None
+    slot: ProviderSlot | None = None
     subject: Subject | None = None
     tag: str = ""
     cap_per_choice: int | None = None  # the max_tokens the provider will stop at, if any
@@ -86,56 +87,6 @@ class Ticket:
     topup_tokens: int = 0
     extensions: list[tuple[Reservation, bool]] = field(default_factory=list)  # (reservation, local)
     settled: bool = False
-
-
-@dataclass(order=True)
-class _Waiter:
-    priority: int  # negated plan priority: the heap pops the highest plan priority first
-    seq: int  # FIFO within one priority
-    future: asyncio.Future[None] = field(compare=False)
-
-
-class _Slot:
-    """A per-provider concurrency limit (this process's), handed to waiters by plan priority, FIFO
-    within a priority. In-process by design: it protects one replica's upstream connections."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-        self._waiters: list[_Waiter] = []
-        self._seq = itertools.count()
-
-    async def acquire(self, priority: int, timeout: float) -> bool:
-        if self.used < self.limit and not self._waiters:
-            self.used += 1
-            return True
-        if timeout <= 0:
-            return False
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._waiters, _Waiter(-priority, next(self._seq), fut))
-        try:
-            await asyncio.wait_for(asyncio.shield(fut), timeout)
-            return True
-        except TimeoutError:
-            self._give_up(fut)
-            return False
-        except asyncio.CancelledError:  # the client went away while queued
-            self._give_up(fut)
-            raise
-
-    def _give_up(self, fut: asyncio.Future[None]) -> None:
-        if fut.done():  # handed over just as we gave up: pass it on
-            self.release()
-        else:
-            fut.cancel()  # `release` skips cancelled waiters
-
-    def release(self) -> None:
-        while self._waiters:
-            w = heapq.heappop(self._waiters)
-            if not w.future.done():
-                w.future.set_result(None)  # the slot moves to the waiter; `used` is unchanged
-                return
-        self.used = max(0, self.used - 1)
 
 
 class _History:
@@ -165,10 +116,10 @@ class _History:
 
 @dataclass(frozen=True, slots=True)
 class _Replay:
-    """Usage the store has not seen: a local admission to add, or a store reservation to settle."""
+    """What the store has not seen yet: a finished request's usage (with the local admission to
+    add it under, or the store reservation to settle), or a top-up to give back (`usage` None)."""
 
-    tokens: int
-    cost_micro_usd: int
+    usage: AggregateDelta | None
     admission: Admission | None = None
     reservation: Reservation | None = None
 
@@ -215,7 +166,7 @@ class Gate:
         self.tz = tz
         self.book = LimitBook(config)
         self._state = _State(tz)
-        self._slots = {name: _Slot(p.max_concurrent) for name, p in config.providers.items() if p.max_concurrent}
+        self._slots = {name: ProviderSlot(p.max_concurrent) for name, p in config.providers.items() if p.max_concurrent}
         # A store call waits at most this long (connect + command), so a dead store never hangs a request.
         self._timeout = config.store_timeout * 2
 
@@ -302,7 +253,7 @@ class Gate:
             return est.max_output_tokens
         return max(1, p) * est.choices
 
-    def _ticket(self, subject: Subject, decision: Decision, local: bool, slot: _Slot | None, tag: str,
+    def _ticket(self, subject: Subject, decision: Decision, local: bool, slot: ProviderSlot | None, tag: str,
                 est: Estimate, out: int, clamp: int | None, limits: tuple[Limit, ...]) -> Ticket:
         st = self._state
         st.inflight[tag] = st.inflight.get(tag, 0) + 1
@@ -327,7 +278,7 @@ class Gate:
         failing = _failing(decision, adm)
         if not failing or any(lim.name not in CLAMPABLE for lim in failing):
             return None
-        fit = self._affordable_output(decision.states, est, adm.now)
+        fit = self._affordable_output(decision.states, est.model, est.priced, est.prompt_tokens, CLAMPABLE, adm.now)
         if fit is None:
             return None
         per_choice = min(fit, out) // max(1, est.choices)
@@ -336,20 +287,21 @@ class Gate:
             return None
         return per_choice, total
 
-    def _affordable_output(self, states: tuple[LimitState, ...], est: Estimate, now: float) -> int | None:
-        """Output tokens every enforced budget can still take after the prompt, or None if unknown."""
+    def _affordable_output(self, states: tuple[LimitState, ...], model: str, priced: bool, prompt_tokens: int,
+                           names: frozenset[LimitName], now: float) -> int | None:
+        """Output tokens every enforced limit in `names` can still take after the prompt, or None."""
         best: int | None = None
-        price = self.prices.lookup(est.model, self._date(now)) if est.priced else None
+        price = self.prices.lookup(model, self._date(now)) if priced else None
         for st in states:
             lim = st.limit
-            if not lim.enforce or lim.name not in CLAMPABLE:
+            if not lim.enforce or lim.name not in names:
                 continue
             room = lim.value - st.used  # a refused decision's states exclude this request
             if lim.name in TOKEN_LIMITS:
-                fit = room - est.prompt_tokens
+                fit = room - prompt_tokens
             elif price is not None:
                 out_rate = max(price.output, price.reasoning or 0)
-                spare = room * TOKENS_PER_PRICE_UNIT - est.prompt_tokens * price.input
+                spare = room * TOKENS_PER_PRICE_UNIT - prompt_tokens * price.input
                 # Floor: cost_for_estimate rounds the whole up, so this never reserves past the room.
                 fit = spare // out_rate if out_rate > 0 else (1 << 30 if spare >= 0 else -1)
             else:
@@ -440,8 +392,12 @@ class Gate:
 
     # ------------------------------------------------------------ settle
     async def settle(self, ticket: Ticket | None, rec: UsageRecord) -> None:
-        """Replace the reservation with what `rec` says was used (refused requests: no ticket)."""
-        if ticket is None or ticket.settled:
+        """Replace the reservation with what `rec` says was used and add `rec` to the usage
+        aggregates, in one store round trip. Refused requests (no ticket) are recorded too."""
+        if ticket is None:
+            await self._record(None, False, self._usage(rec, None))
+            return
+        if ticket.settled:
             return
         ticket.settled = True
         st = self._state
@@ -454,10 +410,9 @@ class Gate:
                 if not ticket.topup.cancelled() and ticket.topup.exception() is not None:
                     log.error("stream top-up failed", exc_info=ticket.topup.exception())
             self._learn(ticket, rec)
-            if ticket.reservation is not None:
-                await self._settle_one(ticket.reservation, ticket.local, rec.tokens.total, rec.cost_micro_usd)
+            await self._record(ticket.reservation, ticket.local, self._usage(rec, ticket))
             for ext, local in ticket.extensions:  # top-ups give back all they held: the main one got the actual
-                await self._settle_one(ext, local, 0, 0)
+                await self._give_back(ext, local)
         finally:
             n = st.inflight.get(ticket.tag, 0) - 1
             if n > 0:
@@ -466,18 +421,36 @@ class Gate:
                 st.inflight.pop(ticket.tag, None)
             st.wake()
 
-    async def _settle_one(self, res: Reservation, local: bool, tokens: int, cost_micro_usd: int) -> None:
+    def _usage(self, rec: UsageRecord, ticket: Ticket | None) -> AggregateDelta:
+        res = ticket.reservation if ticket is not None else None
+        tag = ticket.tag if ticket is not None else self.book.tag_of_record(rec.user, rec.team, rec.key_id)
+        day = res.day if res is not None else self.periods(rec.time)[0]
+        t = rec.tokens
+        totals = Totals(1, t.input, t.output, t.cached_input, t.cache_write, t.reasoning, rec.cost_micro_usd)
+        return AggregateDelta(rec.event_id, tag, day, rec.user, rec.team, rec.model, totals)
+
+    async def _record(self, res: Reservation | None, local: bool, usage: AggregateDelta) -> None:
         now = time.time()
         if local:
-            await self._state.local.settle(res, tokens, cost_micro_usd, now)
-            if tokens or cost_micro_usd:
-                self._keep_for_replay(_Replay(tokens, cost_micro_usd, admission=_replay_admission(res)))
+            if res is not None:
+                await self._state.local.settle(res, usage.totals.tokens, usage.totals.cost_micro_usd, now)
+            self._keep_for_replay(_Replay(usage, _replay_admission(res) if res is not None else None))
             return
         try:
-            await self._guarded("settle", lambda: self.store.settle(res, tokens, cost_micro_usd, now))
+            await self._guarded("settle", lambda: self.store.settle_and_record(res, usage, now))
         except _StoreDown:
-            # The reservation stays counted in the store (its record lasts 2 days): settle it later.
-            self._keep_for_replay(_Replay(tokens, cost_micro_usd, reservation=res))
+            # A reservation stays counted in the store (its record lasts 2 days): settle it later.
+            self._keep_for_replay(_Replay(usage, reservation=res))
+
+    async def _give_back(self, res: Reservation, local: bool) -> None:
+        now = time.time()
+        if local:
+            await self._state.local.settle(res, 0, 0, now)
+            return
+        try:
+            await self._guarded("settle", lambda: self.store.settle(res, 0, 0, now))
+        except _StoreDown:
+            self._keep_for_replay(_Replay(None, reservation=res))
 
     def _learn(self, ticket: Ticket, rec: UsageRecord) -> None:
         if ticket.reserved_output <= 0 or rec.status >= 400 or rec.cut_short or ticket.subject is None:
@@ -488,14 +461,18 @@ class Gate:
         self._state.history.add(ticket.subject.user, ticket.model, per_choice)
 
     async def replay_pending(self) -> int:
-        """Apply usage kept while the store was down, oldest first; each delta once (replays are
-        idempotent per request id, and removed only once applied)."""
+        """Apply what was kept while the store was down, oldest first, each once: a local
+        admission is first turned into a store reservation (admit is idempotent per request id),
+        then settled and recorded (once per event id); an item leaves the queue only when done."""
         st = self._state
         done = 0
         async with st.replay_lock:
             while st.replay:
                 item = st.replay[0]
                 try:
+                    if item.admission is not None:
+                        d = await self._guarded("replay", functools.partial(self.store.admit, item.admission))
+                        item = st.replay[0] = _Replay(item.usage, reservation=d.reservation)
                     await self._guarded("replay", functools.partial(self._apply, item))
                 except _StoreDown:
                     break
@@ -504,12 +481,10 @@ class Gate:
         return done
 
     async def _apply(self, item: _Replay) -> None:
-        if item.admission is not None:  # a local admission: add its usage to the store's counters
-            d = await self.store.admit(item.admission)
-            if d.reservation is not None:
-                await self.store.settle(d.reservation, item.tokens, item.cost_micro_usd, item.admission.now)
-        elif item.reservation is not None:  # a store admission whose settle failed
-            await self.store.settle(item.reservation, item.tokens, item.cost_micro_usd, time.time())
+        if item.usage is not None:
+            await self.store.settle_and_record(item.reservation, item.usage, time.time())
+        elif item.reservation is not None:  # a top-up to give back
+            await self.store.settle(item.reservation, 0, 0, time.time())
 
     @property
     def pending_replays(self) -> int:
@@ -574,6 +549,25 @@ class Gate:
         res = ticket.reservation
         if res is None or not ticket.limits:
             return None
+        decision = await self._extension(ticket, tokens)
+        if decision is None:
+            return "the quota store is unreachable (on_store_failure: closed)"
+        if not decision.admitted:  # not all of it: then what still fits, so the stream ends at the limit
+            fit = self._affordable_output(decision.states, ticket.model, ticket.priced, 0, OUTPUT_LIMITS, time.time())
+            if fit is not None and _MIN_CLAMPED_OUTPUT <= fit < tokens:
+                again = await self._extension(ticket, fit)
+                if again is not None and again.admitted:
+                    ticket.topup_tokens = fit
+                    return None
+        if decision.admitted:
+            return None
+        assert decision.denied is not None
+        return f"{describe(decision.denied)} has no room for more"
+
+    async def _extension(self, ticket: Ticket, tokens: int) -> Decision | None:
+        """One top-up admission on the output-counting limits only (no request, no lease)."""
+        res = ticket.reservation
+        assert res is not None
         now = time.time()
         day, month = self.periods(now)
         cost = self.prices.cost_for_estimate(ticket.model, 0, tokens, self._date(now)) if ticket.priced else 0
@@ -585,13 +579,10 @@ class Gate:
             try:
                 decision, local = await self._store_admit(adm)
             except StoreUnavailable:
-                return "the quota store is unreachable (on_store_failure: closed)"
+                return None
         if decision.reservation is not None:
             ticket.extensions.append((decision.reservation, local))
-        if decision.admitted:
-            return None
-        assert decision.denied is not None
-        return f"{describe(decision.denied)} has no room for more"
+        return decision
 
 
 def _amount(lim: Limit, adm: Admission) -> int:

@@ -40,6 +40,8 @@ class LimitBook:
         self.config = config
         self._key_limits: dict[str, KeyConfig] = {
             key_id_of(k.key_sha256 or sha256_hex(k.key or "")): k for k in config.keys if k.values()}
+        self._trusted = {key_id_of(k.key_sha256 or sha256_hex(k.key or "")) for k in config.keys
+                         if k.trusted_user_header}
         self._cache: dict[Subject, tuple[Limit, ...]] = {}
 
     def plan_of(self, subject: Subject) -> PlanConfig:
@@ -59,6 +61,11 @@ class LimitBook:
         if subject.trusted:
             return f"k:{subject.key_id}"
         return f"u:{subject.user}"
+
+    def tag_of_record(self, user: str, team: str | None, key_id: str) -> str:
+        """`tag_for` of a finished request known only by its record (refused before admission).
+        Keys created through the admin API are not known here: their end users get the user tag."""
+        return self.tag_for(Subject(user, team, "", key_id, key_id in self._trusted))
 
     def limits_for(self, subject: Subject) -> tuple[Limit, ...]:
         """Every limit that applies: the user's own (plan and user entry, tightest wins), the

@@ -190,7 +190,7 @@ class RedisStore:
                                 now: float) -> bool:
         if reservation is not None and reservation.tag != usage.tag:
             raise ValueError("a usage event must carry its reservation's hash tag")
-        await self._index(usage)
+        listed = await self._index(usage)
         counters = reservation_plan(reservation).counters if reservation is not None else ()
         request_id = reservation.request_id if reservation is not None else usage.event_id
         keys = [self._key(seen_key(usage.tag, usage.event_id)),
@@ -210,17 +210,21 @@ class RedisStore:
             args += [name, value]
         reply = await self._run(self._record, keys, args)
         try:
-            return bool(int(reply[0]))
+            recorded, created = bool(int(reply[0])), bool(int(reply[2]))
         except (TypeError, ValueError, IndexError) as exc:
             raise StoreError(f"record.lua answered {reply!r}") from exc
+        if created and not listed:  # the hash was gone (Redis lost data, or it expired): list it again
+            await self._index(usage, force=True)
+        return recorded
 
-    async def _index(self, usage: AggregateDelta) -> None:
-        """List the event's aggregate hash in its day's index. The index key has no hash tag (it
-        spans subjects), so it cannot join the script; a process does it once per hash and day,
-        before the script, so a hash is never left unlisted."""
+    async def _index(self, usage: AggregateDelta, force: bool = False) -> bool:
+        """List the event's aggregate hash in its day's index; True if written now. The index key
+        has no hash tag (it spans subjects), so it cannot join the script: a process writes it once
+        per hash and day, before the script, so a hash is never left unlisted, and again whenever
+        the script says it had to create the hash."""
         member = index_member(usage.tag, usage.user, usage.team)
-        if (usage.day, member) in self._indexed:
-            return
+        if not force and (usage.day, member) in self._indexed:
+            return False
         key = self._key(index_key(usage.day))
         client = await self._connect()
         try:
@@ -233,6 +237,7 @@ class RedisStore:
         if len(self._indexed) >= 100_000:
             self._indexed.clear()
         self._indexed.add((usage.day, member))
+        return True
 
     async def aggregates(self, days: tuple[str, ...], user: str | None = None,
                          team: str | None = None) -> tuple[AggregateRow, ...]:

@@ -20,10 +20,11 @@ ARGV[6]  f            aggregate fields
 then n quadruples as in settle.lua: kind ("w" | "p" | "l"), delta, bucket second, ttl seconds
 then f pairs: field ("measure|model"), increment
 
-Returns {recorded (1 | 0 if seen before), settled (1 | 0)}.
+Returns {recorded (1 | 0 if seen before), settled (1 | 0), created (1 if this made the aggregate
+hash: the caller makes sure the day's index lists it)}.
 ]]
 
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[3]) then return {0, 0} end
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[3]) then return {0, 0, 0} end
 
 local n = tonumber(ARGV[5])
 local f = tonumber(ARGV[6])
@@ -53,9 +54,10 @@ if n > 0 and redis.call('DEL', KEYS[2]) == 1 then
   end
 end
 
+local created = redis.call('EXISTS', KEYS[3]) == 0 and 1 or 0
 local base = 6 + n * 4
 for j = 1, f do
   redis.call('HINCRBY', KEYS[3], ARGV[base + (j - 1) * 2 + 1], ARGV[base + (j - 1) * 2 + 2])
 end
 redis.call('EXPIRE', KEYS[3], ARGV[4])
-return {1, settled}
+return {1, settled, created}
