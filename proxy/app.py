@@ -18,7 +18,7 @@ from .admin import add_admin_routes
 from .auth import KeyRing
 from .config import Config, load_config, resolve_path
 from .errors import ConfigError, StoreError
-from .ledger import Ledger
+from .ledger import EventStream, Ledger
 from .metrics import Metrics
 from .pipeline import handle
 from .pricing import PriceTable
@@ -102,7 +102,7 @@ def build_services(config: Config, config_path: str, old: Services) -> Services:
     gate = Gate(config, old.gate.store, prices, old.metrics, ZoneInfo(config.timezone))
     gate.adopt(old.gate)
     adapters = {name: build_adapter(name, p) for name, p in config.providers.items()}
-    keys = KeyRing(config)
+    keys = KeyRing(config, old.gate.store)
     keys.adopt(old.keys)
     breakers = {name: old.breakers.get(name) or Breaker(p.circuit_breaker) for name, p in config.providers.items()}
     return Services(config, adapters, Router(config, adapters), keys, tok, prices, gate, old.session,
@@ -146,12 +146,14 @@ def _services_ctx(tokenizer: Tokenizer | None):  # type: ignore[no-untyped-def]
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300)
         session = aiohttp.ClientSession(connector=connector, auto_decompress=True, skip_auto_headers=("User-Agent",))
         ledger = Ledger(config.ledger.path, metrics, fsync_interval=config.ledger.fsync_interval,
-                        rotate_bytes=config.ledger.rotate_bytes, queue_size=config.ledger.queue_size)
+                        rotate_bytes=config.ledger.rotate_bytes, queue_size=config.ledger.queue_size,
+                        stream=store if config.ledger.redis_stream and isinstance(store, EventStream) else None,
+                        stream_maxlen=config.ledger.stream_maxlen)
         await ledger.start()
         adapters = {name: build_adapter(name, p) for name, p in config.providers.items()}
         live = app[SERVICES]
         breakers = {name: Breaker(p.circuit_breaker) for name, p in config.providers.items()}
-        live.services = Services(config, adapters, Router(config, adapters), KeyRing(config), tok, prices, gate,
+        live.services = Services(config, adapters, Router(config, adapters), KeyRing(config, store), tok, prices, gate,
                                  session, metrics, ledger, tz, breakers)
         replay = asyncio.get_running_loop().create_task(_replay_loop(live))
         log.info("meterproxy ready: %d providers, store %s", len(adapters),

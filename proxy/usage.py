@@ -12,23 +12,11 @@ from datetime import date, datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
 
-from .quota.store import AggregateDelta, AggregateRow, Totals
-from .records import UsageRecord
+from .quota.store import AggregateRow, Totals
 
 GROUP_KEYS = ("user", "team", "model", "day")
 MAX_QUERY_DAYS = 400  # the aggregates are kept a little longer than that
 TRAILING_DAYS = 7  # the burn rate is the average daily spend over this many days before today
-
-
-def delta_of(rec: UsageRecord, day: str, tag: str | None = None) -> AggregateDelta:
-    """A finished request as the aggregates count it. `tag` is its reservation's hash tag; a
-    refused request has none, and any tag of its own subject will do."""
-    t = rec.tokens
-    totals = Totals(requests=1, input_tokens=t.input, output_tokens=t.output,
-                    cached_input_tokens=t.cached_input, cache_write_tokens=t.cache_write,
-                    reasoning_tokens=t.reasoning, cost_micro_usd=rec.cost_micro_usd)
-    tag = tag or (f"t:{rec.team}" if rec.team else f"u:{rec.user}")
-    return AggregateDelta(rec.event_id, tag, day, rec.user, rec.team, rec.model, totals)
 
 
 def usd(micro_usd: int) -> str:

@@ -21,11 +21,9 @@ from proxy.quota.store import (
     QuotaStore,
     Totals,
 )
-from proxy.records import CountSource, TokenCounts, UsageRecord
 from proxy.usage import (
     Query,
     daily_spend,
-    delta_of,
     forecast,
     forecast_days,
     group,
@@ -121,16 +119,6 @@ def test_group_sums_exactly_and_filters() -> None:
     assert [(k, t.requests) for k, t in group(rows, q)] == [
         ({"team": None, "day": "2030-03-17"}, 5), ({"team": "t1", "day": "2030-03-17"}, 1)]
     assert daily_spend(rows) == {"2030-03-16": 333_333, "2030-03-17": 333_335}
-
-
-def test_delta_of_record() -> None:
-    rec = UsageRecord("ev1", "ev1", T0, "al", "t1", "free", "k1", "openai", "gpt-4o", "chat",
-                      TokenCounts(10, 2, 1, 7, 3), CountSource.PROVIDER, CountSource.PROVIDER, 4242, True,
-                      200, 0.5, None, False, False)
-    d = delta_of(rec, DAY)
-    assert d.tag == "t:t1" and d.day == DAY and d.totals == Totals(1, 10, 7, 2, 1, 3, 4242)
-    assert d.totals.tokens == 20  # reasoning is part of output, not added again
-    assert delta_of(rec, DAY, "k:abc").tag == "k:abc"
 
 
 # ---------------------------------------------------------------- aggregates in every store
