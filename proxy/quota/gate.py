@@ -13,7 +13,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import date, datetime, tzinfo
+from datetime import date, datetime, timedelta, tzinfo
 from enum import StrEnum
 from typing import TypeVar
 
@@ -169,6 +169,8 @@ class Gate:
         self._slots = {name: ProviderSlot(p.max_concurrent) for name, p in config.providers.items() if p.max_concurrent}
         # A store call waits at most this long (connect + command), so a dead store never hangs a request.
         self._timeout = config.store_timeout * 2
+        self._bounded = not isinstance(store, MemoryStore)
+        self._period_cache: tuple[float, float, str, str] = (0.0, 0.0, "", "")
 
     def adopt(self, old: Gate) -> None:
         """Take over a previous gate's state on reload, so no usage delta or queued wake-up is lost."""
@@ -185,8 +187,16 @@ class Gate:
         return self.book.limits_for(subject)
 
     def periods(self, now: float) -> tuple[str, str]:
+        """(day, month) names in the configured zone; recomputed only when the day changes."""
+        start, end, day, month = self._period_cache
+        if start <= now < end:
+            return day, month
         d = datetime.fromtimestamp(now, self.tz)
-        return d.strftime("%Y-%m-%d"), d.strftime("%Y-%m")
+        midnight = datetime(d.year, d.month, d.day, tzinfo=self.tz)
+        start, end = midnight.timestamp(), (midnight + timedelta(days=1)).timestamp()
+        day, month = d.strftime("%Y-%m-%d"), d.strftime("%Y-%m")
+        self._period_cache = (start, end, day, month)
+        return day, month
 
     # ------------------------------------------------------------ admit
     async def admit(self, subject: Subject, adapter: Adapter, call: Call, est: Estimate, request_id: str) -> Ticket:
@@ -347,7 +357,11 @@ class Gate:
         probe = st.down
         st.probing = st.probing or probe
         try:
-            result = await asyncio.wait_for(call(), self._timeout)
+            if self._bounded:  # network store: bound the call (no extra task, unlike wait_for)
+                async with asyncio.timeout(self._timeout):
+                    result = await call()
+            else:  # in-memory store: it never waits
+                result = await call()
         except (StoreError, TimeoutError) as e:
             self._store_failed(op, e, probe)
             raise _StoreDown from e

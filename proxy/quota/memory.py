@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from functools import lru_cache
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, tzinfo
@@ -81,9 +82,14 @@ def hash_tag(tag: str) -> str:
     return "{" + escaped + "}"
 
 
+@lru_cache(maxsize=65536)
+def _base_key(tag: str, scope: str, name: str) -> str:
+    return f"{hash_tag(tag)}:{scope}:{name}"
+
+
 def counter_for(limit: Limit, tag: str, tokens: int, cost_micro_usd: int, day: str, month: str,
                 lease_seconds: float) -> Counter:
-    base = f"{hash_tag(tag)}:{limit.scope}:{limit.name.value}"
+    base = _base_key(tag, limit.scope, limit.name.value)
     name = limit.name
     if name is LimitName.RPM:
         return Counter(CounterKind.WINDOW, Measure.REQUESTS, base, 1, WINDOW_TTL_SECONDS)
@@ -171,6 +177,7 @@ def fails(plan_: Plan, limits: tuple[Limit, ...], views: tuple[CounterView, ...]
     return out
 
 
+@lru_cache(maxsize=256)
 def period_end(period: str, tz: tzinfo) -> float:
     """Unix time a `YYYY-MM-DD` day or `YYYY-MM` month named in zone `tz` ends."""
     if len(period) == 7:
