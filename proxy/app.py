@@ -28,7 +28,7 @@ from .quota.memory import MemoryStore
 from .quota.store import QuotaStore
 from .resilience import Breaker
 from .route import Router
-from .services import SERVICES, TRACKER, Live, Services, Tracker
+from .services import REQUEST_IDS, SERVICES, TRACKER, Live, RequestIds, Services, Tracker
 from .tokens import Tokenizer
 
 log = logging.getLogger("meterproxy")
@@ -74,6 +74,7 @@ def create_app(config: Config, config_path: str = "config.yaml", *, registry: Co
     app[CONFIG_PATH] = config_path
     app[REGISTRY] = registry or CollectorRegistry()
     app[TRACKER] = Tracker()
+    app[REQUEST_IDS] = RequestIds()
     app[DRAINING] = asyncio.Event()
     app[SERVICES] = Live()
     app[RELOAD] = lambda: reload(app)

@@ -45,6 +45,8 @@ class _Children:
     cost: Counter
     duration: Histogram
     ttft: Histogram
+    overhead: Histogram
+    requests: dict[int, Counter]  # by status code, filled as codes appear
 
 
 class Metrics:
@@ -112,6 +114,8 @@ class Metrics:
                 self.cost.labels(provider, model, user, team),
                 self.duration.labels(provider, model),
                 self.ttft.labels(provider, model),
+                self.overhead.labels(provider),
+                {},
             )
             if len(self._children) < 100_000:
                 self._children[key] = ch
@@ -120,8 +124,11 @@ class Metrics:
     def observe(self, rec: UsageRecord, overhead_seconds: float | None) -> None:
         user, team = self.user_team(rec.user, rec.team)
         model = rec.model
-        self.requests.labels(rec.provider, model, user, team, str(rec.status)).inc()
         ch = self._children_for(rec.provider, model, user, team)
+        req = ch.requests.get(rec.status)
+        if req is None:
+            req = ch.requests[rec.status] = self.requests.labels(rec.provider, model, user, team, str(rec.status))
+        req.inc()
         t = rec.tokens
         for child, n in zip(ch.tokens, (t.input, t.cached_input, t.cache_write, t.output, t.reasoning), strict=True):
             if n:
@@ -132,7 +139,7 @@ class Metrics:
         if rec.ttft_seconds is not None:
             ch.ttft.observe(rec.ttft_seconds)
         if overhead_seconds is not None:
-            self.overhead.labels(rec.provider).observe(overhead_seconds)
+            ch.overhead.observe(overhead_seconds)
         if t.total:
             self._sources[rec.input_source.value].inc()
             if t.output:

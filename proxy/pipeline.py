@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +23,7 @@ from .records import Subject, UsageRecord
 from .relay import Relayed, relay_body, relay_stream
 from .resilience import Attempt, AttemptsFailed, forward
 from .route import Target
-from .services import SERVICES, TRACKER, Services
+from .services import REQUEST_IDS, SERVICES, TRACKER, Services
 from .settle import actual_usage
 
 log = logging.getLogger("meterproxy.pipeline")
@@ -59,7 +58,7 @@ class Flight:
 
 async def handle(request: web.Request) -> web.StreamResponse:
     svc = request.app[SERVICES].get()  # a snapshot: a reload swaps it, in-flight requests keep theirs
-    f = Flight(uuid.uuid4().hex, time.time(), time.perf_counter())
+    f = Flight(request.app[REQUEST_IDS].new(), time.time(), time.perf_counter())
     f.headers["x-request-id"] = f.request_id
     try:
         return await _run(request, svc, f)

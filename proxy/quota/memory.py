@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-from functools import lru_cache
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, tzinfo
 from enum import StrEnum
+from functools import lru_cache
 
 from proxy.quota.store import (
     MEASURES,
