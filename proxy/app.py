@@ -145,7 +145,9 @@ def _services_ctx(tokenizer: Tokenizer | None):  # type: ignore[no-untyped-def]
         tz = ZoneInfo(config.timezone)
         gate = Gate(config, store, prices, metrics, tz)
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300)
-        session = aiohttp.ClientSession(connector=connector, auto_decompress=True, skip_auto_headers=("User-Agent",))
+        # No Accept-Encoding: answers come back plain, so metering reads them without inflating.
+        session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                        skip_auto_headers=("User-Agent", "Accept-Encoding"))
         ledger = Ledger(config.ledger.path, metrics, fsync_interval=config.ledger.fsync_interval,
                         rotate_bytes=config.ledger.rotate_bytes, queue_size=config.ledger.queue_size,
                         stream=store if config.ledger.redis_stream and isinstance(store, EventStream) else None,

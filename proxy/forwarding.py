@@ -41,7 +41,7 @@ def upstream_headers(request: web.Request, adapter: Adapter) -> CIMultiDict[str]
 def upstream_url(adapter: Adapter, path: str, request: web.Request) -> URL:
     # Built from the configured base URL only: the client's raw path is appended, never parsed as
     # a URL, so no request line or Host header can point the proxy anywhere else.
-    base = URL(adapter.base_url)
+    base = adapter.base
     return base.with_path(base.raw_path.rstrip("/") + (path or "/"), encoded=True).with_query(
         adapter.upstream_query(request.query)
     )
@@ -56,13 +56,7 @@ async def send(
     body: bytes | None,
 ) -> aiohttp.ClientResponse:
     """Open the upstream exchange; raises our 502/504 errors, never aiohttp's."""
-    t = adapter.config.timeouts
-    # Streams get an idle (per-read) timeout, never a total one: a long generation is not a hung one.
-    timeout = (
-        aiohttp.ClientTimeout(total=None, sock_connect=t.connect, sock_read=t.idle)
-        if call.stream
-        else aiohttp.ClientTimeout(total=t.read, sock_connect=t.connect)
-    )
+    timeout = adapter.stream_timeout if call.stream else adapter.body_timeout
     url = upstream_url(adapter, path, request)
     try:
         return await session.request(

@@ -131,8 +131,16 @@ async def _run(request: web.Request, svc: Services, f: Flight) -> web.StreamResp
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(f"The request body is {request.content_length} bytes; the limit is {limit}.")
+    length = request.content_length
+    if length is not None:
+        if length > limit:
+            raise PayloadTooLarge(f"The request body is {length} bytes; the limit is {limit}.")
+        if not length:
+            return b""
+        try:
+            return await request.content.readexactly(length)
+        except asyncio.IncompleteReadError:
+            raise BadRequest("The request body ended before its Content-Length.") from None
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.content.iter_any():

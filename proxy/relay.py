@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +24,7 @@ from .providers.sse import SSEEvent, SSESplitter
 from .records import Usage
 
 # Upstream response headers the proxy replaces or must not copy.
-_DROP_RESPONSE = HOP_BY_HOP | frozenset({"content-length", "content-encoding", "x-request-id"})
+_DROP_RESPONSE = HOP_BY_HOP | frozenset({"content-length", "x-request-id"})
 _MAX_JSON_STREAM_BYTES = 64 * 1024 * 1024
 # While the upstream is silent (a reasoning model thinking), look this often for a client that hung
 # up: otherwise it is only noticed at the next write, and the provider keeps generating meanwhile.
@@ -60,6 +61,16 @@ def response_headers(upstream: aiohttp.ClientResponse, extra: dict[str, str]) ->
     return headers
 
 
+def _plain(data: bytes, encoding: str | None) -> bytes:
+    """The proxy asks for no compression; an upstream that compresses anyway is inflated to meter."""
+    if encoding in ("gzip", "deflate"):
+        try:
+            return zlib.decompress(data, wbits=47)  # 47: gzip or zlib header, detected
+        except zlib.error:
+            return b""
+    return data
+
+
 def _is_json(upstream: aiohttp.ClientResponse) -> bool:
     return "json" in upstream.headers.get("content-type", "")
 
@@ -78,7 +89,7 @@ async def relay_body(
     out = Relayed(status=upstream.status, upstream_done=done)
     if data and _is_json(upstream):
         try:
-            obj = orjson.loads(data)
+            obj = orjson.loads(_plain(data, upstream.headers.get("content-encoding")))
         except orjson.JSONDecodeError:
             obj = None
         if obj is not None:

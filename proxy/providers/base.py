@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+from aiohttp import ClientTimeout
 from multidict import CIMultiDict, MultiMapping
+from yarl import URL
 
 from ..config import ProviderConfig
 from ..errors import ProxyError
@@ -116,6 +118,11 @@ class Adapter:
         self.name = name
         self.config = config
         self.base_url = config.base_url
+        self.base = URL(config.base_url)
+        t = config.timeouts
+        # Streams get an idle (per-read) timeout, never a total one: a long generation is not a hung one.
+        self.stream_timeout = ClientTimeout(total=None, sock_connect=t.connect, sock_read=t.idle)
+        self.body_timeout = ClientTimeout(total=t.read, sock_connect=t.connect)
 
     # -- request side -------------------------------------------------
     def classify(self, method: str, path: str, query: MultiMapping[str]) -> tuple[ApiKind, str | None, bool]:
