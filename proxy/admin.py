@@ -21,7 +21,7 @@ from .openapi import admin_openapi
 from .quota.limits import LimitBook
 from .quota.store import MONEY_LIMITS, LimitName, LimitState
 from .records import Subject
-from .services import SERVICES, Services
+from .services import RELOAD, SERVICES, Services
 from .usage import daily_spend, forecast, forecast_days, parse_query, report, usd
 
 log = logging.getLogger("meterproxy.admin")
@@ -216,7 +216,6 @@ async def revoke_key(request: web.Request, svc: Services) -> web.StreamResponse:
 
 
 async def reload(request: web.Request, svc: Services) -> web.Response:
-    from .app import RELOAD  # composition sits above this module; only the key is needed here
 
     error = await request.app[RELOAD]()
     if error is not None:

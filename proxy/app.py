@@ -5,7 +5,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -28,7 +28,7 @@ from .quota.memory import MemoryStore
 from .quota.store import QuotaStore
 from .resilience import Breaker
 from .route import Router
-from .services import REQUEST_IDS, SERVICES, TRACKER, Live, RequestIds, Services, Tracker
+from .services import RELOAD, REQUEST_IDS, SERVICES, TRACKER, Live, RequestIds, Services, Tracker
 from .tokens import Tokenizer
 
 log = logging.getLogger("meterproxy")
@@ -37,8 +37,6 @@ CONFIG = web.AppKey("config", Config)
 CONFIG_PATH = web.AppKey("config_path", str)
 REGISTRY = web.AppKey("registry", CollectorRegistry)
 DRAINING = web.AppKey("draining", asyncio.Event)
-Reloader = Callable[[], Awaitable[str | None]]
-RELOAD: web.AppKey[Reloader] = web.AppKey("reload")
 _SHIPPED_PRICING = Path(__file__).resolve().parent.parent / "config" / "pricing.yaml"
 
 

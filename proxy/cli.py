@@ -126,7 +126,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _run_server(config: Config, config_path: str, host: str, port: int, reuse_port: bool = False) -> None:
     from aiohttp import web
 
-    from .app import RELOAD, create_app
+    from .app import create_app
+    from .services import RELOAD
 
     try:
         import uvloop

@@ -19,8 +19,8 @@ from .errors import BadRequest, PayloadTooLarge, ProxyError, RequestTimeout
 from .estimate import Estimate, estimate
 from .providers import Adapter, Call, StreamTap
 from .quota.gate import Ticket
-from .records import Subject, UsageRecord
-from .relay import Relayed, relay_body, relay_stream
+from .records import Relayed, Subject, UsageRecord
+from .relay import relay_body, relay_stream
 from .resilience import Attempt, AttemptsFailed, forward
 from .route import Target
 from .services import REQUEST_IDS, SERVICES, TRACKER, Services

@@ -1,6 +1,7 @@
 """Value types that cross modules: who is calling, what was counted, what it cost."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -96,3 +97,20 @@ class UsageRecord:
     retries: int = 0
     error: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Relayed:
+    """What came back, for settle and record."""
+
+    status: int
+    usage: Usage | None = None
+    output_final: bool = True  # the provider's usage covers the whole output
+    text: Callable[[], str] = str  # output text no usage accounts for (for a fallback count)
+    text_beyond_usage: bool = False  # that text is on top of `usage.output` (add), not all of it (max)
+    ttft_seconds: float | None = None
+    streamed: bool = False
+    cut_short: bool = False
+    client_gone: bool = False
+    error: str | None = None
+    upstream_done: float = 0.0  # perf_counter when the upstream's last byte came

@@ -9,7 +9,6 @@ import asyncio
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -21,7 +20,7 @@ from .errors import ProxyError, UpstreamTimeout, UpstreamUnreachable
 from .forwarding import HOP_BY_HOP
 from .providers import Adapter, Call, StreamTap
 from .providers.sse import SSEEvent, SSESplitter
-from .records import Usage
+from .records import Relayed
 
 # Upstream response headers the proxy replaces or must not copy.
 _DROP_RESPONSE = HOP_BY_HOP | frozenset({"content-length", "x-request-id"})
@@ -29,23 +28,6 @@ _MAX_JSON_STREAM_BYTES = 64 * 1024 * 1024
 # While the upstream is silent (a reasoning model thinking), look this often for a client that hung
 # up: otherwise it is only noticed at the next write, and the provider keeps generating meanwhile.
 CLIENT_CHECK_SECONDS = 0.2
-
-
-@dataclass(slots=True)
-class Relayed:
-    """What came back, for settle and record."""
-
-    status: int
-    usage: Usage | None = None
-    output_final: bool = True  # the provider's usage covers the whole output
-    text: Callable[[], str] = str  # output text no usage accounts for (for a fallback count)
-    text_beyond_usage: bool = False  # that text is on top of `usage.output` (add), not all of it (max)
-    ttft_seconds: float | None = None
-    streamed: bool = False
-    cut_short: bool = False
-    client_gone: bool = False
-    error: str | None = None
-    upstream_done: float = 0.0  # perf_counter when the upstream's last byte came
 
 
 def response_headers(upstream: aiohttp.ClientResponse, extra: dict[str, str]) -> CIMultiDict[str]:

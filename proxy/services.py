@@ -8,7 +8,7 @@ import asyncio
 import itertools
 import logging
 import os
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import date, datetime, tzinfo
 from typing import Any
@@ -115,3 +115,5 @@ class Live:
 SERVICES = web.AppKey("services", Live)
 TRACKER = web.AppKey("tracker", Tracker)
 REQUEST_IDS = web.AppKey("request_ids", RequestIds)
+Reloader = Callable[[], Awaitable[str | None]]  # reloads the config: None, or the error
+RELOAD: web.AppKey[Reloader] = web.AppKey("reload")

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from .estimate import Estimate
 from .providers import Call
-from .records import ApiKind, CountSource, TokenCounts, Usage
-from .relay import Relayed
+from .records import ApiKind, CountSource, Relayed, TokenCounts, Usage
 from .tokens import Tokenizer
 
 _METERED = frozenset(
