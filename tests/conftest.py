@@ -4,7 +4,8 @@ from __future__ import annotations
 import asyncio
 import copy
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,13 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and _SHARED_CACHE.is_dir():
     os.environ["TIKTOKEN_CACHE_DIR"] = str(_SHARED_CACHE)
 
 from fakeprovider import FakeProvider, start_fake_provider  # noqa: E402
+from redisproc import ClusterProc, RedisProc, start_cluster, start_redis  # noqa: E402
 
 from proxy.app import create_app  # noqa: E402
 from proxy.config import Config  # noqa: E402
+from proxy.quota.memory import MemoryStore  # noqa: E402
+from proxy.quota.redis_store import RedisStore  # noqa: E402
+from proxy.quota.store import QuotaStore  # noqa: E402
 from proxy.services import SERVICES, TRACKER, Services  # noqa: E402
 from proxy.tokens import Tokenizer  # noqa: E402
 
@@ -88,6 +93,35 @@ class Proxy:
     def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
         value = self.svc.metrics.registry.get_sample_value(name, labels or {})
         return value or 0.0
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProc]:
+    server = start_redis(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterProc]:
+    cluster = start_cluster(tmp_path_factory.mktemp("cluster"))
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(params=["memory", "redis", "cluster"])
+async def store(request: pytest.FixtureRequest) -> AsyncIterator[QuotaStore]:
+    """One quota store per backend: the contract suites run against all three."""
+    prefix = f"t{uuid.uuid4().hex[:8]}:"  # a fresh key prefix per test keeps tests apart
+    built: QuotaStore
+    if request.param == "memory":
+        built = MemoryStore()
+    else:
+        server = request.getfixturevalue("redis_server" if request.param == "redis" else "redis_cluster")
+        built = RedisStore(server.url, prefix=prefix)  # cluster mode is detected
+    await built.start()
+    yield built
+    await built.close()
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -20,7 +19,7 @@ import redis
 from conftest import ALICE_KEY, BACKEND_KEY, BOB_KEY, Proxy, StartProxy
 from fakeprovider import PROMPT_OVERHEAD, FakeProvider
 from multidict import CIMultiDictProxy
-from redisproc import ClusterProc, RedisProc, free_port, start_cluster, start_redis
+from redisproc import ClusterProc, RedisProc, free_port
 
 from proxy.auth import key_id_of, sha256_hex
 from proxy.config import Config
@@ -49,20 +48,6 @@ RESET = re.compile(r"^(\d+ms|\d+s|\d+m\d+s|\d+h\d+m\d+s)$")
 
 
 # ---------------------------------------------------------------- stores
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProc]:
-    server = start_redis(tmp_path_factory.mktemp("redis"))
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterProc]:
-    cluster = start_cluster(tmp_path_factory.mktemp("cluster"))
-    yield cluster
-    cluster.stop()
 
 
 def _clean(url: str, cluster: bool = False) -> None:

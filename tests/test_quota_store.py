@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
 from redis.asyncio import Redis
-from redisproc import ClusterProc, RedisProc, start_cluster, start_redis
+from redisproc import ClusterProc, RedisProc, start_redis
 
 from proxy.errors import StoreError
 from proxy.quota.memory import MemoryStore
@@ -33,35 +33,7 @@ TAG = "team-a"
 T = TypeVar("T")
 
 
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProc]:
-    server = start_redis(tmp_path_factory.mktemp("redis"))
-    yield server
-    server.stop()
 
-
-@pytest.fixture(scope="module")
-def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterProc]:
-    cluster = start_cluster(tmp_path_factory.mktemp("cluster"))
-    yield cluster
-    cluster.stop()
-
-
-@pytest.fixture(params=["memory", "redis", "cluster"])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[QuotaStore]:
-    # A fresh key prefix per test keeps tests apart on a shared server.
-    prefix = f"t{uuid.uuid4().hex[:8]}:"
-    built: QuotaStore
-    if request.param == "memory":
-        built = MemoryStore()
-    elif request.param == "redis":
-        built = RedisStore(request.getfixturevalue("redis_server").url, prefix=prefix)
-    else:
-        cluster = request.getfixturevalue("redis_cluster")
-        built = RedisStore(cluster.url, prefix=prefix)  # cluster mode is detected
-    await built.start()
-    yield built
-    await built.close()
 
 
 def lim(name: LimitName, value: int, scope: str = "user:al", enforce: bool = True) -> Limit:

@@ -3,14 +3,12 @@ logic over them: query parsing, grouping, exact money, and the month-end forecas
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
-from redisproc import ClusterProc, RedisProc, start_cluster, start_redis
+from redisproc import RedisProc
 
-from proxy.quota.memory import MemoryStore
 from proxy.quota.redis_store import RedisStore
 from proxy.quota.store import (
     Admission,
@@ -124,33 +122,7 @@ def test_group_sums_exactly_and_filters() -> None:
 # ---------------------------------------------------------------- aggregates in every store
 
 
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProc]:
-    server = start_redis(tmp_path_factory.mktemp("redis"))
-    yield server
-    server.stop()
 
-
-@pytest.fixture(scope="module")
-def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterProc]:
-    cluster = start_cluster(tmp_path_factory.mktemp("cluster"))
-    yield cluster
-    cluster.stop()
-
-
-@pytest.fixture(params=["memory", "redis", "cluster"])
-async def store(request: pytest.FixtureRequest) -> AsyncIterator[QuotaStore]:
-    prefix = f"t{uuid.uuid4().hex[:8]}:"
-    built: QuotaStore
-    if request.param == "memory":
-        built = MemoryStore()
-    elif request.param == "redis":
-        built = RedisStore(request.getfixturevalue("redis_server").url, prefix=prefix)
-    else:
-        built = RedisStore(request.getfixturevalue("redis_cluster").url, prefix=prefix)
-    await built.start()
-    yield built
-    await built.close()
 
 
 def delta(event_id: str, user: str = "al", team: str | None = "t1", model: str = "gpt-4o", day: str = DAY,
