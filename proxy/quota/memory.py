@@ -278,8 +278,13 @@ def reservation_of(admission: Admission) -> Reservation:
 
 # ---------------------------------------------------------------- usage aggregates (shared with redis)
 # An event's seen marker lives this long: a replay of it later than this would count it again.
-# One small key per request per day (~100 bytes in Redis), the price of exactly-once.
-SEEN_TTL_SECONDS = 86400
+# Replays come from the fail-open queue as soon as the store answers again, and a settle whose
+# reply was lost is retried within seconds, so an hour covers them. Each marker is ~100 bytes in
+# Redis for that hour (about 360 MB at a sustained 1,000 requests/s).
+SEEN_TTL_SECONDS = 3600
+# The memory store is never replayed into (it cannot fail); its markers only guard against a
+# double settle in-process, so they can be short and keep memory bounded.
+MEMORY_SEEN_TTL_SECONDS = 300
 # Aggregates are the usage history reports and forecasts read: kept for a bit over a year.
 AGG_TTL_SECONDS = 400 * 86400
 
@@ -542,7 +547,7 @@ class MemoryStore:
         marker = seen_key(usage.tag, usage.event_id)
         if self._seen.get(marker, -math.inf) > now:
             return False
-        self._seen[marker] = now + SEEN_TTL_SECONDS
+        self._seen[marker] = now + MEMORY_SEEN_TTL_SECONDS
         if reservation is not None:
             # settle() never suspends, so the settle and the aggregate update stay one atomic step
             await self.settle(reservation, usage.totals.tokens, usage.totals.cost_micro_usd, now)
