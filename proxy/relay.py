@@ -99,16 +99,24 @@ async def relay_stream(
                  "text/event-stream" in upstream.headers.get("content-type", ""))
     complete = False
     end_error: ProxyError | None = None
+    watch = _HangUpWatch(request)
     try:
         await resp.prepare(request)
-        complete, end_error = await pump.run(request, upstream, out, started, overrun)
+        complete, end_error = await pump.run(upstream, out, started, overrun)
     except ConnectionError:
         # The client hung up (writes to a closing transport raise ConnectionResetError).
+        out.client_gone = True
+    except asyncio.CancelledError:
+        if not watch.fired:
+            raise
+        watch.absorb()  # our own cancel: the client left while the upstream was silent
         out.client_gone = True
     except TimeoutError:
         end_error = UpstreamTimeout(f"The upstream provider {adapter.name!r} went silent mid-stream.")
     except aiohttp.ClientError as e:
         end_error = UpstreamUnreachable(f"The upstream provider {adapter.name!r} cut the stream ({type(e).__name__}).")
+    finally:
+        watch.stop()
     out.upstream_done = time.perf_counter()
     if complete:
         upstream.release()
@@ -149,9 +157,10 @@ class _Pump:
     def _events(self, events: list) -> bytes:  # type: ignore[type-arg]
         return b"".join([b for b in map(self.tap.on_event, events) if b])
 
-    async def run(self, request: web.Request, upstream: aiohttp.ClientResponse, out: Relayed, started: float,
+    async def run(self, upstream: aiohttp.ClientResponse, out: Relayed, started: float,
                   overrun: Callable[[StreamTap], ProxyError | None]) -> tuple[bool, ProxyError | None]:
-        while chunk := await _next_chunk(request, upstream.content):
+        content = upstream.content
+        while chunk := await content.readany():
             if out.ttft_seconds is None:
                 out.ttft_seconds = time.perf_counter() - started
             if self.sse:
@@ -204,16 +213,34 @@ def _json_items(data: bytes, max_tries: int = 64) -> list[Any]:
     return []
 
 
-async def _next_chunk(request: web.Request, content: aiohttp.StreamReader) -> bytes:
-    """The next upstream chunk (b"" at the end); ConnectionResetError once the client is gone."""
-    while True:
-        timer = asyncio.timeout(CLIENT_CHECK_SECONDS)
-        try:
-            async with timer:
-                return await content.readany()
-        except TimeoutError:
-            if not timer.expired():
-                raise  # the session's own read timeout: the upstream went silent
-        transport = request.transport
+class _HangUpWatch:
+    """Notices a client that hung up while the upstream is silent (a model thinking), so the
+    upstream is closed at once; one timer every CLIENT_CHECK_SECONDS per stream, not per chunk."""
+
+    __slots__ = ("request", "task", "fired", "_handle")
+
+    def __init__(self, request: web.Request) -> None:
+        self.request = request
+        self.task = asyncio.current_task()
+        self.fired = False
+        self._handle: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
+            CLIENT_CHECK_SECONDS, self._check)
+
+    def _check(self) -> None:
+        transport = self.request.transport
         if transport is None or transport.is_closing():
-            raise ConnectionResetError("the client hung up")
+            self.fired = True
+            self._handle = None
+            if self.task is not None:
+                self.task.cancel()
+            return
+        self._handle = asyncio.get_running_loop().call_later(CLIENT_CHECK_SECONDS, self._check)
+
+    def absorb(self) -> None:
+        if self.task is not None:
+            self.task.uncancel()
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
