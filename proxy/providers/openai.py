@@ -82,7 +82,12 @@ class ChatTap(StreamTap):
             self.error = data.decode("utf-8", "replace")
         self.keep_text(data)
         # Without the client's include_usage, chunks would carry no `"usage":null`.
-        return _USAGE_NULL.sub(b"", ev.raw) if self.strip else ev.raw
+        if not self.strip:
+            return ev.raw
+        raw = ev.raw
+        if b',"usage":null' in raw:  # the compact form every OpenAI chunk uses: no regex needed
+            return raw.replace(b',"usage":null', b"")
+        return _USAGE_NULL.sub(b"", raw) if b'"usage"' in raw else raw
 
     def finish(self) -> None:
         if self._last_usage is not None and self.usage is None:
