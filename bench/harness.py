@@ -257,6 +257,8 @@ def litellm_config(workdir: Path, upstream_port: int) -> Path:
                                 "api_key": "sk-ant-real"}},
         ],
         "litellm_settings": {"drop_params": True, "telemetry": False},
+        # LiteLLM refuses to start without a master key; the load generator's key is it.
+        "general_settings": {"master_key": key_name(1)},
     }
     path = workdir / "litellm.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -267,7 +269,8 @@ def start_litellm(procs: Procs, pin: Pinning, exe: str, port: int, config: Path)
     argv = [exe, "--config", str(config), "--host", "127.0.0.1", "--port", str(port),
             "--num_workers", "1"]
     proc = procs.spawn("litellm", pin.wrap(pin.proxy, argv),
-                       env={"LITELLM_TELEMETRY": "False", "LITELLM_LOG": "ERROR"})
+                       env={"LITELLM_TELEMETRY": "False", "LITELLM_LOG": "ERROR",
+                            "LITELLM_LOCAL_MODEL_COST_MAP": "True"})  # no network here
     wait_http(proc, port, "POST", "/v1/chat/completions", CHAT_BODY,
               {"content-type": "application/json", "authorization": f"Bearer {key_name(1)}"}, 180)
     return proc
