@@ -119,13 +119,14 @@ async def _run(request: web.Request, svc: Services, f: Flight) -> web.StreamResp
         f.retries = e.retries
         raise e.error from None
     upstream, f.retries = outcome.upstream, outcome.retries
-    # relay
+    # relay (with the adapter that answered: a fallback reads its own wire format)
+    answered = outcome.adapter
     if call.stream and upstream.status < 300:
-        resp, f.relayed = await relay_stream(request, upstream, adapter, call, strip, f.headers, f.t0,
+        resp, f.relayed = await relay_stream(request, upstream, answered, call, strip, f.headers, f.t0,
                                              lambda tap: svc.gate.overrun(ticket, tap, svc.tokenizer, est.model))
     else:
         async with upstream:
-            resp, f.relayed = await relay_body(upstream, adapter, call, f.headers)
+            resp, f.relayed = await relay_body(upstream, answered, call, f.headers)
     f.status = f.relayed.status
     return resp
 
