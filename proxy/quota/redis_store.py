@@ -114,8 +114,7 @@ class RedisStore:
         self._client: Redis | RedisCluster | None = None
         self._connecting = asyncio.Lock()  # a burst before the first connect opens one client
         self._admit = _Script("admit.lua")
-        self._settle = _Script("settle.lua")
-        self._record = _Script("record.lua")  # loaded by its first EVAL (see _run)
+        self._record = _Script("record.lua")
         self._indexed: set[tuple[str, str]] = set()  # (day, member) this process put in a day index
 
     async def start(self) -> None:
@@ -169,14 +168,20 @@ class RedisStore:
     async def settle(self, reservation: Reservation, tokens: int, cost_micro_usd: int,
                      now: float) -> bool:
         plan_ = reservation_plan(reservation)
-        keys = [self._key(record_key(reservation.tag, reservation.request_id))]
-        keys += [self._key(c.key) for c in plan_.counters]
+        record = self._key(record_key(reservation.tag, reservation.request_id))
+        # record.lua with no seen marker and no aggregate fields is the plain settle; the record
+        # key stands in for the two keys it then does not touch (same hash tag).
+        keys = [record, record, record, *(self._key(c.key) for c in plan_.counters)]
         bucket = math.floor(reservation.time)
-        args: list[str | int] = [_fmt(now), reservation.request_id, len(plan_.counters)]
+        args: list[str | int] = [_fmt(now), reservation.request_id, 0, 0, len(plan_.counters), 0]
         for counter in plan_.counters:
             delta = settle_delta(counter, reservation, tokens, cost_micro_usd)
             args += [counter.kind.value, delta, bucket, counter.ttl_seconds]
-        return bool(int(await self._run(self._settle, keys, args)))
+        reply = await self._run(self._record, keys, args)
+        try:
+            return bool(int(reply[1]))
+        except (TypeError, ValueError, IndexError) as exc:
+            raise StoreError(f"record.lua answered {reply!r}") from exc
 
     async def usage(self, limits: tuple[Limit, ...], tag: str, now: float, day: str,
                     month: str) -> tuple[LimitState, ...]:
@@ -378,11 +383,11 @@ class RedisStore:
                 await client.initialize()
             else:
                 # One quick retry heals a pooled connection Redis closed; no backoff, no hang.
-                # Retrying a script is safe: admit.lua and settle.lua are idempotent.
+                # Retrying a script is safe: admit.lua and record.lua are idempotent.
                 client = Redis.from_url(self._url, retry=Retry(NoBackoff(), 1), **options)
             try:
                 await _awaited(client.script_load(self._admit.source))
-                await _awaited(client.script_load(self._settle.source))
+                await _awaited(client.script_load(self._record.source))
             except BaseException:
                 await client.aclose()
                 raise

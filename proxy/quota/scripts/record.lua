@@ -1,10 +1,11 @@
 --[[ record.lua: one finished request, once: settle its reservation (if it had one) and add its
-usage to the aggregate hash of its (day, user, team), in one atomic call.
+usage to the aggregate hash of its (day, user, team), in one atomic call. It is also the plain
+settle (seen_ttl 0, no aggregate fields), so settling lives in one script.
 
 Exactly-once per event id: the seen marker is set first (SET NX); if it already exists the event
-was recorded before (a replay after a lost reply or a store outage) and nothing changes. The
-settle part is settle.lua's, kept in step with it: the reservation record is deleted first and
-counters are adjusted only if it still existed, never below 0.
+was recorded before (a replay after a lost reply or a store outage) and nothing changes. Settling
+deletes the reservation record first and adjusts counters only if it still existed (once), in
+the buckets and periods the reservation was counted in, never below 0.
 
 KEYS[1]        the event's seen marker
 KEYS[2]        the reservation record (may be absent: a refused request has none)
@@ -13,23 +14,26 @@ KEYS[4..n+3]   the reservation's n distinct counters (n = 0 without a reservatio
 All keys carry the admission's hash tag.
 ARGV[1]  now          unix seconds (the proxy's clock)
 ARGV[2]  request_id   the lease member to release
-ARGV[3]  seen_ttl     seconds
+ARGV[3]  seen_ttl     seconds; 0: no seen marker (a plain settle; KEYS[1] is not touched)
 ARGV[4]  agg_ttl      seconds
 ARGV[5]  n            counters
-ARGV[6]  f            aggregate fields
-then n quadruples as in settle.lua: kind ("w" | "p" | "l"), delta, bucket second, ttl seconds
+ARGV[6]  f            aggregate fields (0: KEYS[3] is not touched)
+then n quadruples, one per counter: kind ("w" | "p" | "l"), delta (actual - reserved), bucket
+  second (the admission's floor(now), used by "w"), ttl seconds
 then f pairs: field ("measure|model"), increment
 
 Returns {recorded (1 | 0 if seen before), settled (1 | 0), created (1 if this made the aggregate
 hash: the caller makes sure the day's index lists it)}.
 ]]
 
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[3]) then return {0, 0, 0} end
+if tonumber(ARGV[3]) > 0 and not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[3]) then
+  return {0, 0, 0}
+end
 
 local n = tonumber(ARGV[5])
 local f = tonumber(ARGV[6])
 local settled = 0
-if n > 0 and redis.call('DEL', KEYS[2]) == 1 then
+if redis.call('DEL', KEYS[2]) == 1 then
   settled = 1
   local low = math.floor(tonumber(ARGV[1])) - 59
   for i = 1, n do
@@ -54,6 +58,7 @@ if n > 0 and redis.call('DEL', KEYS[2]) == 1 then
   end
 end
 
+if f == 0 then return {1, settled, 0} end
 local created = redis.call('EXISTS', KEYS[3]) == 0 and 1 or 0
 local base = 6 + n * 4
 for j = 1, f do
