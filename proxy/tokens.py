@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import gc
 import json
 import logging
 import math
@@ -122,6 +123,7 @@ def _slim(encoding: Encoding) -> Encoding:
 
 def _trim_heap() -> None:
     """Hand the memory freed by `_slim` back to the OS (glibc keeps it otherwise)."""
+    gc.collect()
     try:
         import ctypes
 
@@ -273,6 +275,7 @@ class Tokenizer:
             try:
                 self._encodings[name] = _slim(self._loader(name))
                 self._models.clear()  # counters built with the stand-in are rebuilt
+                gc.collect()  # frees the dropped rank tables now, not at some later collection
             except Exception as exc:  # keep the stand-in for good
                 logger.warning("encoding %r could not be loaded (%s); using %s", name, exc, self._default_encoding)
                 self._encodings[name] = self._encodings[self._default_encoding]
