@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .config import Config, load_config
 from .errors import ConfigError, StoreError
+from .pricing import PriceTable
 from .quota.store import QuotaStore
 
 log = logging.getLogger("meterproxy")
@@ -75,15 +76,20 @@ def _load(path: str) -> Config:
         raise SystemExit(1) from None
 
 
-def cmd_check_config(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+def _load_with_prices(path: str) -> tuple[Config, PriceTable]:
+    """The config and its price table, or exit 1 with the one-line error."""
     from .app import load_prices
 
+    config = _load(path)
     try:
-        prices = load_prices(config, args.config)
+        return config, load_prices(config, path)
     except ConfigError as e:
         print(f"meterproxy: config error: {e}", file=sys.stderr)
-        return 1
+        raise SystemExit(1) from None
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config, prices = _load_with_prices(args.config)
     print(f"{args.config}: OK")
     print(f"  listen: {config.listen.host}:{config.listen.port}")
     print(f"  store: {config.store} (on_store_failure: {config.on_store_failure})")
@@ -353,16 +359,10 @@ def cmd_keys(args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     from zoneinfo import ZoneInfo
 
-    from .app import load_prices
     from .replay import replay_file, rows
     from .usage import render, usd
 
-    config = _load(args.config)
-    try:
-        prices = load_prices(config, args.config)
-    except ConfigError as e:
-        print(f"meterproxy: config error: {e}", file=sys.stderr)
-        return 1
+    config, prices = _load_with_prices(args.config)
     ledger = Path(args.ledger)
     if not ledger.is_file():
         print(f"meterproxy: no ledger file at {ledger}", file=sys.stderr)

@@ -529,7 +529,9 @@ class Gate:
             return self._topup_done(ticket, tap)
         if tap.kept_bytes < ticket.next_check:
             return None
-        count = tokenizer.count_text(model, tap.output_text())
+        # The provider's final count when it has come (the kept text is then dropped), else ours.
+        final = tap.usage if tap.output_final else None
+        count = final.tokens.output if final is not None else tokenizer.count_text(model, tap.output_text())
         allowed = ticket.reserved_output * (1 + self.config.stream_overrun_slack)
         kept = tap.kept_bytes
         if count <= allowed:
