@@ -12,6 +12,7 @@ import asyncio
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -459,9 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         procs.stop_all()
         if not args.keep:
-            for f in workdir.iterdir():
-                f.unlink()
-            workdir.rmdir()
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -197,9 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         procs.stop_all()
         if not args.keep:
-            for f in workdir.iterdir():
-                f.unlink()
-            workdir.rmdir()
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -16,31 +16,18 @@ from typing import Any
 
 import pytest
 import yaml
-
-try:
-    from tests.promql import (
-        DASHBOARD,
-        DEPLOY_DIR,
-        all_promql_expressions,
-        dashboard_expressions,
-        dashboard_panels,
-        rule_expressions,
-        substitute_variables,
-    )
-except ImportError:  # tests/ is not a package: pytest put tests/ itself on sys.path
-    from promql import (  # type: ignore[no-redef]
-        DASHBOARD,
-        DEPLOY_DIR,
-        all_promql_expressions,
-        dashboard_expressions,
-        dashboard_panels,
-        rule_expressions,
-        substitute_variables,
-    )
-
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
+from promql import (  # tests/ is on sys.path (not a package)
+    DASHBOARD,
+    DEPLOY_DIR,
+    all_promql_expressions,
+    dashboard_expressions,
+    dashboard_panels,
+    rule_expressions,
+    substitute_variables,
+)
 
 from proxy.config import parse_config
 from proxy.metrics import Metrics
