@@ -19,7 +19,7 @@ from .auth import KeyRing
 from .config import Config, load_config, resolve_path
 from .errors import ConfigError, StoreError
 from .ledger import EventStream, Ledger
-from .metrics import Metrics
+from .metrics import FLUSH_SECONDS, Metrics
 from .pipeline import handle
 from .pricing import PriceTable
 from .providers import build_adapter
@@ -157,6 +157,8 @@ def _services_ctx(tokenizer: Tokenizer | None):  # type: ignore[no-untyped-def]
         live.services = Services(config, adapters, Router(config, adapters), KeyRing(config, store), tok, prices, gate,
                                  session, metrics, ledger, tz, breakers)
         replay = asyncio.get_running_loop().create_task(_replay_loop(live))
+        # Other workers' scrapes read this one's values from files: fold observations in often.
+        flusher = asyncio.get_running_loop().create_task(_flush_loop(metrics)) if multiprocess else None
         log.info("meterproxy ready: %d providers, store %s", len(adapters),
                  "memory" if config.store == "memory" else "redis")
         yield
@@ -166,6 +168,9 @@ def _services_ctx(tokenizer: Tokenizer | None):  # type: ignore[no-untyped-def]
         replay.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await replay
+        if flusher is not None:
+            flusher.cancel()
+        metrics.flush()
         await ledger.close()
         await session.close()
         await store.close()
@@ -180,6 +185,12 @@ async def _replay_loop(live: Live) -> None:
         gate = live.get().gate
         if gate.pending_replays:
             await gate.replay_pending()
+
+
+async def _flush_loop(metrics: Metrics) -> None:
+    while True:
+        await asyncio.sleep(FLUSH_SECONDS)
+        metrics.flush()
 
 
 async def _start_drain(app: web.Application) -> None:
@@ -204,6 +215,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY]
+    request.app[SERVICES].get().metrics.flush()  # here, on the loop: rendering runs in a thread
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         prom_multiprocess.MultiProcessCollector(registry)

@@ -2,12 +2,21 @@
 
 User and team label values are capped (beyond the cap: `other`); keys are never labels. Label
 children are cached per (provider, model, user, team) so the hot path does no label lookups.
+
+Per-request observations are added to plain numbers on the hot path (prometheus-client takes a
+lock per update and walks histogram buckets in Python) and folded into the Prometheus children by
+`flush()`: at every collection of the registry (a scrape) and, for multi-process workers whose
+values another process reads, every FLUSH_SECONDS.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from bisect import bisect_left
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import Metric
 
 from .records import UsageRecord
 
@@ -17,6 +26,8 @@ OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01
 OTHER = "other"
 NO_TEAM = "none"
 TOKEN_TYPES = ("input", "cached_input", "cache_write", "output", "reasoning")
+SOURCES = ("provider", "tokenizer", "estimate")
+FLUSH_SECONDS = 0.25  # how stale a worker's metrics may be for the process serving the scrape
 
 
 class LabelCap:
@@ -37,16 +48,67 @@ class LabelCap:
         return OTHER
 
 
+class _Pending:
+    """A histogram's observations not folded into its Prometheus child yet."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = (*bounds, float("inf"))
+        self.counts = [0] * len(self.bounds)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # the first bucket with value <= bound
+        self.total += value
+
+    def fold(self, child: Histogram) -> None:
+        # prometheus-client keeps per-bucket (not cumulative) values and cumulates when collected.
+        buckets = child._buckets  # type: ignore[attr-defined]
+        for i, n in enumerate(self.counts):
+            if n:
+                buckets[i].inc(n)
+                self.counts[i] = 0
+        if self.total:
+            child._sum.inc(self.total)  # type: ignore[attr-defined]
+            self.total = 0.0
+
+
 @dataclass(slots=True)
 class _Children:
-    """Prebuilt label children for one (provider, model, user, team)."""
+    """Prebuilt label children for one (provider, model, user, team), and what is not folded in yet."""
 
+    labels: tuple[str, str, str, str]
     tokens: tuple[Counter, ...]
     cost: Counter
     duration: Histogram
     ttft: Histogram
     overhead: Histogram
-    requests: dict[int, Counter]  # by status code, filled as codes appear
+    requests: dict[int, Counter] = field(default_factory=dict)  # by status code, filled as codes appear
+    n_requests: dict[int, int] = field(default_factory=dict)
+    n_tokens: list[int] = field(default_factory=lambda: [0] * len(TOKEN_TYPES))
+    n_cost_micro_usd: int = 0
+    p_duration: _Pending = field(default_factory=lambda: _Pending(DURATION_BUCKETS))
+    p_ttft: _Pending = field(default_factory=lambda: _Pending(TTFT_BUCKETS))
+    p_overhead: _Pending = field(default_factory=lambda: _Pending(OVERHEAD_BUCKETS))
+    dirty: bool = False
+
+
+class _FlushFirst:
+    """Registered before every metric, so a collection of the registry sees flushed values. Only
+    on the thread that observes: a scrape rendered in a worker thread flushes on the loop first."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.thread = threading.get_ident()
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        if threading.get_ident() == self.thread:
+            self.metrics.flush()
+        return iter(())
 
 
 class Metrics:
@@ -57,6 +119,10 @@ class Metrics:
         self.teams = LabelCap(max_team_labels)
         gauge_mode = {"multiprocess_mode": "livesum"} if multiprocess else {}
         r = registry
+        self._dirty: list[_Children] = []
+        self._n_sources = [0] * len(SOURCES)
+        self._n_unpriced: dict[str, int] = {}
+        registry.register(_FlushFirst(self))  # type: ignore[arg-type]
         self.requests = Counter("meterproxy_requests", "Requests by outcome.",
                                 ["provider", "model", "user", "team", "code"], registry=r)
         self.tokens = Counter("meterproxy_tokens", "Tokens metered, by normalized type.",
@@ -100,7 +166,16 @@ class Metrics:
         for op in ("admit", "settle", "replay"):
             self.store_errors.labels(op)  # present at 0, so a first failure shows up as a rate
         self._children: dict[tuple[str, str, str, str], _Children] = {}
-        self._sources = {s: self.count_source.labels(s) for s in ("provider", "tokenizer", "estimate")}
+        self._sources = tuple(self.count_source.labels(s) for s in SOURCES)
+        self._source_index = {s: i for i, s in enumerate(SOURCES)}
+        self._inflight: dict[str, Gauge] = {}
+
+    def inflight_for(self, provider: str) -> Gauge:
+        """The in-flight gauge child of a provider (updated at once: it is a level, not a count)."""
+        g = self._inflight.get(provider)
+        if g is None:
+            g = self._inflight[provider] = self.inflight.labels(provider)
+        return g
 
     def user_team(self, user: str, team: str | None) -> tuple[str, str]:
         return self.users(user), self.teams(team) if team else NO_TEAM
@@ -110,42 +185,74 @@ class Metrics:
         ch = self._children.get(key)
         if ch is None:
             ch = _Children(
+                key,
                 tuple(self.tokens.labels(provider, model, user, team, t) for t in TOKEN_TYPES),
                 self.cost.labels(provider, model, user, team),
                 self.duration.labels(provider, model),
                 self.ttft.labels(provider, model),
                 self.overhead.labels(provider),
-                {},
             )
             if len(self._children) < 100_000:
                 self._children[key] = ch
         return ch
 
     def observe(self, rec: UsageRecord, overhead_seconds: float | None) -> None:
+        """Count one finished request (plain integer work; `flush` hands it to Prometheus)."""
         user, team = self.user_team(rec.user, rec.team)
         model = rec.model
         ch = self._children_for(rec.provider, model, user, team)
-        req = ch.requests.get(rec.status)
-        if req is None:
-            req = ch.requests[rec.status] = self.requests.labels(rec.provider, model, user, team, str(rec.status))
-        req.inc()
+        if not ch.dirty:
+            ch.dirty = True
+            self._dirty.append(ch)
+        ch.n_requests[rec.status] = ch.n_requests.get(rec.status, 0) + 1
         t = rec.tokens
-        for child, n in zip(ch.tokens, (t.input, t.cached_input, t.cache_write, t.output, t.reasoning), strict=True):
-            if n:
-                child.inc(n)
-        if rec.cost_micro_usd:
-            ch.cost.inc(rec.cost_micro_usd / 1_000_000)
-        ch.duration.observe(rec.latency_seconds)
+        n = ch.n_tokens
+        n[0] += t.input
+        n[1] += t.cached_input
+        n[2] += t.cache_write
+        n[3] += t.output
+        n[4] += t.reasoning
+        ch.n_cost_micro_usd += rec.cost_micro_usd
+        ch.p_duration.observe(rec.latency_seconds)
         if rec.ttft_seconds is not None:
-            ch.ttft.observe(rec.ttft_seconds)
+            ch.p_ttft.observe(rec.ttft_seconds)
         if overhead_seconds is not None:
-            ch.overhead.observe(overhead_seconds)
+            ch.p_overhead.observe(overhead_seconds)
         if t.total:
-            self._sources[rec.input_source.value].inc()
+            self._n_sources[self._source_index[rec.input_source.value]] += 1
             if t.output:
-                self._sources[rec.output_source.value].inc()
-        if not rec.priced and t.total:
-            self.unpriced.labels(model).inc()
+                self._n_sources[self._source_index[rec.output_source.value]] += 1
+            if not rec.priced:
+                self._n_unpriced[model] = self._n_unpriced.get(model, 0) + 1
+
+    def flush(self) -> None:
+        """Fold what `observe` counted into the Prometheus children."""
+        dirty, self._dirty = self._dirty, []
+        for ch in dirty:
+            ch.dirty = False
+            for status, count in ch.n_requests.items():
+                req = ch.requests.get(status)
+                if req is None:
+                    req = ch.requests[status] = self.requests.labels(*ch.labels, str(status))
+                req.inc(count)
+            ch.n_requests.clear()
+            for i, (child, count) in enumerate(zip(ch.tokens, ch.n_tokens, strict=True)):
+                if count:
+                    child.inc(count)
+                    ch.n_tokens[i] = 0
+            if ch.n_cost_micro_usd:
+                ch.cost.inc(ch.n_cost_micro_usd / 1_000_000)
+                ch.n_cost_micro_usd = 0
+            ch.p_duration.fold(ch.duration)
+            ch.p_ttft.fold(ch.ttft)
+            ch.p_overhead.fold(ch.overhead)
+        for i, count in enumerate(self._n_sources):
+            if count:
+                self._sources[i].inc(count)
+                self._n_sources[i] = 0
+        unpriced, self._n_unpriced = self._n_unpriced, {}
+        for model, count in unpriced.items():
+            self.unpriced.labels(model).inc(count)
 
     def rejected(self, user: str, team: str | None, limit: str, shadow: bool = False) -> None:
         u, tm = self.user_team(user, team)

@@ -67,7 +67,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
         return _error_response(svc, request, f, e)
     finally:
         if f.adapter is not None:
-            svc.metrics.inflight.labels(f.adapter.name).dec()
+            svc.metrics.inflight_for(f.adapter.name).dec()
         if f.subject is not None:
             if f.call is None:  # refused after authentication (body, route): still one metered request
                 f.adapter = f.adapter or svc.guess_adapter(request)
@@ -90,7 +90,7 @@ async def _run(request: web.Request, svc: Services, f: Flight) -> web.StreamResp
     if target is None:
         target = svc.router.by_model(request.path, body.get("model") if body else None)
     f.adapter = adapter = target.adapter
-    svc.metrics.inflight.labels(adapter.name).inc()
+    svc.metrics.inflight_for(adapter.name).inc()
     f.call = call = adapter.call(request.method, target.path, request.query, body)
     # estimate
     f.est = est = estimate(adapter, call, body, svc.tokenizer, svc.prices, svc.today(),

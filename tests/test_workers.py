@@ -28,7 +28,7 @@ async def test_two_workers_share_limits_and_merge_metrics(fake: FakeProvider, tm
                                   headers={"Authorization": f"Bearer {ALICE_KEY}"}) as r:
                     statuses.append(r.status)
         assert statuses.count(200) == 30 and statuses.count(429) == 10  # one limit across both workers
-        await asyncio.sleep(0.5)  # settle/record run just after each response
+        await asyncio.sleep(1.0)  # settle/record run just after each response; workers fold metrics in every 0.25 s
         for _ in range(10):
             async with aiohttp.ClientSession() as s:
                 async with s.get(f"{proc.url}/metrics") as r:
