@@ -28,6 +28,7 @@ from .records import UsageRecord
 log = logging.getLogger("meterproxy.ledger")
 
 _MAX_BATCH = 1000
+_LINGER_SECONDS = 0.02  # how long a first event waits for others to share its write
 _BACKOFF_FIRST, _BACKOFF_MAX = 0.1, 10.0
 # On shutdown, a sink still failing after this many seconds of retries gives up (and says so).
 _CLOSE_GIVE_UP_SECONDS = 5.0
@@ -224,6 +225,9 @@ class Ledger:
                 except TimeoutError:
                     await sink.idle()
                 continue
+            if not self._closing and len(self._queue) - sink.done < _MAX_BATCH:
+                # Let a batch gather: one thread hop (or Redis call) per batch, not one per event.
+                await asyncio.sleep(_LINGER_SECONDS)
             batch = list(islice(self._queue, sink.done, sink.done + _MAX_BATCH))
             try:
                 await sink.write(batch)
