@@ -20,6 +20,7 @@ from .records import Subject
 END_USER_HEADER = "x-meterproxy-user"
 KEY_PREFIX = "mp-"  # store-created keys start with this (config keys are whatever ops chose)
 _MAX_CACHED_KEYS = 100_000
+_MAX_CACHED_SUBJECTS = 100_000  # (key, end user) pairs whose subject is kept
 
 
 def sha256_hex(key: str) -> str:
@@ -71,6 +72,9 @@ class KeyRing:
         self._store = store
         self._by_digest: dict[str, KeyEntry] = {}
         self._extra: dict[str, KeyEntry] = {}  # store-created keys seen lately (outage fallback)
+        # Per-request work done once per distinct value (bounded: cleared when full).
+        self._digests: dict[str, str] = {}  # presented key -> sha256
+        self._subjects: dict[tuple[str, str | None], Subject] = {}  # (key id, end-user header) -> subject
         for k in config.keys:
             digest = k.key_sha256 or sha256_hex(k.key or "")
             own = k if k.values() else None
@@ -97,7 +101,11 @@ class KeyRing:
     async def lookup(self, key: str | None) -> KeyEntry:
         if not key:
             raise Unauthorized("Missing API key: send your meterproxy virtual key as your SDK's API key.")
-        digest = sha256_hex(key)
+        digest = self._digests.get(key)
+        if digest is None:
+            if len(self._digests) >= _MAX_CACHED_KEYS:
+                self._digests.clear()
+            digest = self._digests[key] = sha256_hex(key)
         entry = self._by_digest.get(digest)
         if entry is not None:
             return entry
@@ -124,6 +132,17 @@ class KeyRing:
 
     def subject(self, entry: KeyEntry, end_user: str | None) -> Subject:
         """The subject a request is metered as; a trusted key may name its own end user."""
+        # A key's fields never change (store keys are only revoked), so (key id, header) is enough.
+        cache_key = (entry.key_id, end_user if entry.trusted else None)
+        hit = self._subjects.get(cache_key)
+        if hit is not None:
+            return hit
+        if len(self._subjects) >= _MAX_CACHED_SUBJECTS:
+            self._subjects.clear()
+        subject = self._subjects[cache_key] = self._subject(entry, end_user)
+        return subject
+
+    def _subject(self, entry: KeyEntry, end_user: str | None) -> Subject:
         user = entry.user
         if entry.trusted and end_user:
             user = end_user.strip()[:256] or user

@@ -55,6 +55,7 @@ _PERCENTILE = 0.95
 _FIRST_CHECK_BYTES = 256
 _MIN_CHECK_GROWTH = 1.125  # a stream's text is re-counted only after growing by at least this
 _MIN_TOPUP_TOKENS = 256
+_PROFILES_MAX = 200_000  # subjects whose limits are kept worked out (cleared when full)
 
 
 class Watch(StrEnum):
@@ -87,6 +88,18 @@ class Ticket:
     topup_tokens: int = 0
     extensions: list[tuple[Reservation, bool]] = field(default_factory=list)  # (reservation, local)
     settled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Profile:
+    """What admission needs to know about a subject, worked out once per subject and config."""
+
+    plan: PlanConfig
+    limits: tuple[Limit, ...]
+    tag: str
+    output_limits: tuple[Limit, ...]  # the limits counting output (what a top-up reserves on)
+    watch: Watch | None  # how to watch a stream that may run past its reservation
+    money: bool  # an enforced budget: its gauges are updated on admission
 
 
 class _History:
@@ -174,6 +187,7 @@ class Gate:
         self._timeout = config.store_timeout * 2
         self._bounded = not isinstance(store, MemoryStore)
         self._period_cache: tuple[float, float, str, str] = (0.0, 0.0, "", "")
+        self._profiles: dict[Subject, _Profile] = {}
 
     def adopt(self, old: Gate) -> None:
         """Take over a previous gate's state on reload, so no usage delta or queued wake-up is lost."""
@@ -202,16 +216,28 @@ class Gate:
         return day, month
 
     # ------------------------------------------------------------ admit
+    def _profile(self, subject: Subject) -> _Profile:
+        prof = self._profiles.get(subject)
+        if prof is None:
+            if len(self._profiles) >= _PROFILES_MAX:
+                self._profiles.clear()
+            limits = self.book.limits_for(subject)
+            out = tuple(lim for lim in limits if lim.name in OUTPUT_LIMITS)
+            watch = Watch.ENFORCE if any(lim.enforce for lim in out) else Watch.SHADOW if out else None
+            money = any(lim.name in MONEY_LIMITS and lim.enforce for lim in limits)
+            prof = self._profiles[subject] = _Profile(self.book.plan_of(subject), limits, self.book.tag_for(subject),
+                                                      out, watch, money)
+        return prof
+
     async def admit(self, subject: Subject, adapter: Adapter, call: Call, est: Estimate, request_id: str) -> Ticket:
         """Admit or refuse (RateLimited/QuotaExhausted 429, StoreUnavailable 503), queueing first
         when the plan says `on_limit: queue`."""
-        plan = self.book.plan_of(subject)
-        limits = self.book.limits_for(subject)
-        tag = self.book.tag_for(subject)
-        deadline = time.monotonic() + (plan.max_queue_seconds if plan.on_limit == "queue" else 0.0)
+        prof = self._profile(subject)
+        plan, limits, tag = prof.plan, prof.limits, prof.tag
         slot = self._slots.get(adapter.name)
         if not limits and slot is None:  # nothing to check or reserve: no store round trip
-            return self._ticket(subject, _UNLIMITED, False, None, tag, est, est.max_output_tokens, None, limits)
+            return self._ticket(subject, _UNLIMITED, False, None, prof, est, est.max_output_tokens, None)
+        deadline = time.monotonic() + (plan.max_queue_seconds if plan.on_limit == "queue" else 0.0)
         held = False
         out = self._sized_output(subject.user, est)
         clamp: int | None = None
@@ -232,7 +258,7 @@ class Gate:
                 raise
             if decision.admitted:
                 self._count_shadow(subject, decision.shadow_denied, request_id)
-                return self._ticket(subject, decision, local, slot if held else None, tag, est, out, clamp, limits)
+                return self._ticket(subject, decision, local, slot if held else None, prof, est, out, clamp)
             fit = self._clamped(plan, decision, adm, est, out)
             if fit is not None:
                 clamp, out = fit  # keep the provider slot: the retry is immediate
@@ -268,22 +294,20 @@ class Gate:
             return est.max_output_tokens
         return max(1, p) * est.choices
 
-    def _ticket(self, subject: Subject, decision: Decision, local: bool, slot: ProviderSlot | None, tag: str,
-                est: Estimate, out: int, clamp: int | None, limits: tuple[Limit, ...]) -> Ticket:
+    def _ticket(self, subject: Subject, decision: Decision, local: bool, slot: ProviderSlot | None, prof: _Profile,
+                est: Estimate, out: int, clamp: int | None) -> Ticket:
         st = self._state
+        tag = prof.tag
         st.inflight[tag] = st.inflight.get(tag, 0) + 1
-        self._budget_gauges(decision.states)
+        if prof.money:
+            self._budget_gauges(decision.states)
         cap = clamp if clamp is not None else est.client_max_tokens
-        watch: Watch | None = None
-        if out > 0 and (cap is None or cap * est.choices > out):  # the provider may write past the reservation
-            if any(lim.enforce and lim.name in OUTPUT_LIMITS for lim in limits):
-                watch = Watch.ENFORCE
-            elif any(lim.name in OUTPUT_LIMITS for lim in limits):
-                watch = Watch.SHADOW
+        # The provider may write past the reservation: watch the stream when output is limited.
+        watch = prof.watch if out > 0 and (cap is None or cap * est.choices > out) else None
         threshold = out * (1 + self.config.stream_overrun_slack)
         return Ticket(decision.reservation, rate_headers(decision.states), clamp, out, local, slot, subject, tag,
-                      cap, max(1, est.choices), watch, tuple(lim for lim in limits if lim.name in OUTPUT_LIMITS),
-                      est.model, est.priced, max(_FIRST_CHECK_BYTES, math.ceil(threshold)))
+                      cap, max(1, est.choices), watch, prof.output_limits, est.model, est.priced,
+                      max(_FIRST_CHECK_BYTES, math.ceil(threshold)))
 
     def _clamped(self, plan: PlanConfig, decision: Decision, adm: Admission, est: Estimate,
                  out: int) -> tuple[int, int] | None:

@@ -106,18 +106,45 @@ def counter_for(limit: Limit, tag: str, tokens: int, cost_micro_usd: int, day: s
     return Counter(CounterKind.PERIOD, measure, f"{base}:{day}", amount, DAY_TTL_SECONDS)
 
 
-def plan(limits: tuple[Limit, ...], tag: str, tokens: int, cost_micro_usd: int, day: str,
-         month: str, lease_seconds: float = 600.0) -> Plan:
+_Shape = tuple[tuple[tuple[CounterKind, Measure, str, int], ...], tuple[int, ...]]
+# (id of the limits tuple, tag, day, month, lease) -> (that tuple, shape). Keyed by identity: the
+# limit book hands out one tuple per subject, and hashing its Limits costs more than the shape.
+# The entry holds the tuple, so its id cannot be reused while the entry lives.
+_SHAPES: dict[tuple[int, str, str, str, float], tuple[tuple[Limit, ...], _Shape]] = {}
+_SHAPES_MAX = 65536
+
+
+def _shape(limits: tuple[Limit, ...], tag: str, day: str, month: str, lease_seconds: float) -> _Shape:
+    """The distinct counters (without amounts) the limits touch, and each limit's counter: the
+    same for every admission of a subject in a day, so worked out once."""
+    key = (id(limits), tag, day, month, lease_seconds)
+    hit = _SHAPES.get(key)
+    if hit is not None and hit[0] is limits:
+        return hit[1]
     counters: list[Counter] = []
     index: dict[str, int] = {}
     slots: list[int] = []
     for limit in limits:
-        counter = counter_for(limit, tag, tokens, cost_micro_usd, day, month, lease_seconds)
+        counter = counter_for(limit, tag, 0, 0, day, month, lease_seconds)
         if counter.key not in index:
             index[counter.key] = len(counters)
             counters.append(counter)
         slots.append(index[counter.key])
-    return Plan(tuple(counters), tuple(slots))
+    shape = tuple((c.kind, c.measure, c.key, c.ttl_seconds) for c in counters), tuple(slots)
+    if len(_SHAPES) >= _SHAPES_MAX:
+        _SHAPES.clear()
+    _SHAPES[key] = (limits, shape)
+    return shape
+
+
+def plan(limits: tuple[Limit, ...], tag: str, tokens: int, cost_micro_usd: int, day: str,
+         month: str, lease_seconds: float = 600.0) -> Plan:
+    shape, slots = _shape(limits, tag, day, month, lease_seconds)
+    counters = []
+    for kind, measure, key, ttl in shape:
+        amount = tokens if measure is Measure.TOKENS else cost_micro_usd if measure is Measure.MONEY else 1
+        counters.append(Counter(kind, measure, key, amount, ttl))
+    return Plan(tuple(counters), slots)
 
 
 def admission_plan(admission: Admission) -> Plan:
