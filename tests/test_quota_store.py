@@ -462,3 +462,9 @@ async def test_every_redis_key_expires(redis_server: RedisProc) -> None:
     finally:
         await observer.aclose()
         await store.close()
+
+
+def test_totals_values_follow_measures() -> None:
+    from proxy.quota.store import MEASURES, Totals
+    t = Totals(*range(1, len(MEASURES) + 1))
+    assert t.values() == tuple(getattr(t, m) for m in MEASURES)

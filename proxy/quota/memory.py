@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, tzinfo
@@ -310,8 +311,9 @@ def reservation_of(admission: Admission) -> Reservation:
 # Redis for that hour (about 360 MB at a sustained 1,000 requests/s).
 SEEN_TTL_SECONDS = 3600
 # The memory store is never replayed into (it cannot fail); its markers only guard against a
-# double settle in-process, so they can be short and keep memory bounded.
-MEMORY_SEEN_TTL_SECONDS = 300
+# double settle in-process, so they can be short and keep memory bounded. An event with a
+# reservation needs none: the reservation's record is found by one settle only.
+MEMORY_SEEN_TTL_SECONDS = 60
 # Aggregates are the usage history reports and forecasts read: kept for a bit over a year.
 AGG_TTL_SECONDS = 400 * 86400
 
@@ -417,8 +419,9 @@ class MemoryStore:
         self._next_sweep = -math.inf
         # usage aggregates: day -> (user, team) -> "measure|model" -> count; see `settle_and_record`
         self._aggs: dict[str, dict[tuple[str, str | None], dict[str, int]]] = {}
-        self._seen: dict[str, float] = {}  # seen-marker key -> expiry
-        self._next_seen_sweep = -math.inf
+        # Events recorded without a reservation -> marker expiry, and the same ids oldest first.
+        self._seen: dict[str, float] = {}
+        self._seen_order: deque[str] = deque()
         self._keys: dict[str, StoredKey] = {}  # digest -> key created through the admin API
 
     async def start(self) -> None:
@@ -570,14 +573,19 @@ class MemoryStore:
     # ------------------------------------------------------------ usage aggregates and keys
     async def settle_and_record(self, reservation: Reservation | None, usage: AggregateDelta,
                                 now: float) -> bool:
-        self._sweep_seen(now)
-        marker = seen_key(usage.tag, usage.event_id)
-        if self._seen.get(marker, -math.inf) > now:
-            return False
-        self._seen[marker] = now + MEMORY_SEEN_TTL_SECONDS
         if reservation is not None:
-            # settle() never suspends, so the settle and the aggregate update stay one atomic step
-            await self.settle(reservation, usage.totals.tokens, usage.totals.cost_micro_usd, now)
+            # The reservation's record is the event's marker: only the first settle finds it.
+            # settle() never suspends, so the settle and the aggregate update stay one atomic step.
+            if not await self.settle(reservation, usage.totals.tokens, usage.totals.cost_micro_usd, now):
+                return False
+        else:
+            seen, order = self._seen, self._seen_order
+            while order and seen[order[0]] <= now:  # markers expire oldest first
+                del seen[order.popleft()]
+            if usage.event_id in seen:
+                return False
+            seen[usage.event_id] = now + MEMORY_SEEN_TTL_SECONDS
+            order.append(usage.event_id)
         cell = self._aggs.setdefault(usage.day, {}).setdefault((usage.user, usage.team), {})
         for name, value in aggregate_fields(usage):
             cell[name] = cell.get(name, 0) + value
@@ -606,10 +614,3 @@ class MemoryStore:
             if key.key_id == key_id:
                 return self._keys.pop(digest)
         return None
-
-    def _sweep_seen(self, now: float) -> None:
-        if now < self._next_seen_sweep:
-            return
-        self._next_seen_sweep = now + self._sweep_interval
-        for marker in [k for k, t in self._seen.items() if t <= now]:
-            del self._seen[marker]

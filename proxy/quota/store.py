@@ -123,7 +123,9 @@ class Totals:
         return self.input_tokens + self.cached_input_tokens + self.cache_write_tokens + self.output_tokens
 
     def values(self) -> tuple[int, ...]:
-        return tuple(getattr(self, m) for m in MEASURES)
+        """In MEASURES order."""
+        return (self.requests, self.input_tokens, self.output_tokens, self.cached_input_tokens,
+                self.cache_write_tokens, self.reasoning_tokens, self.cost_micro_usd)
 
     def __add__(self, other: Totals) -> Totals:
         return Totals(*(a + b for a, b in zip(self.values(), other.values(), strict=True)))
