@@ -81,11 +81,14 @@ async def _run(request: web.Request, svc: Services, f: Flight) -> web.StreamResp
     # authenticate
     entry = await svc.keys.lookup(presented_key(request.headers, request.query))
     f.subject = svc.keys.subject(entry, request.headers.get(END_USER_HEADER))
-    try:
-        async with asyncio.timeout(svc.config.client_body_timeout):
-            raw = await _read_body(request, svc.config.max_body_bytes)
-    except TimeoutError:
-        raise RequestTimeout(f"The request body did not arrive within {svc.config.client_body_timeout:g}s.") from None
+    if request.content.is_eof():  # the whole body came with the headers (the usual case): no wait, no timer
+        raw = await _read_body(request, svc.config.max_body_bytes)
+    else:
+        try:
+            async with asyncio.timeout(svc.config.client_body_timeout):
+                raw = await _read_body(request, svc.config.max_body_bytes)
+        except TimeoutError:
+            raise RequestTimeout(f"The request body did not arrive within {svc.config.client_body_timeout:g}s.") from None
     body = _parse_json(raw, request)
     if target is None:
         target = svc.router.by_model(request.path, body.get("model") if body else None)
@@ -164,9 +167,9 @@ def _parse_json(raw: bytes, request: web.Request) -> dict[str, Any] | None:
         raise BadRequest(f"The request body is not valid JSON: {e}.") from None
     if not isinstance(body, dict):
         raise BadRequest("The request body must be a JSON object.")
-    for name, kind in _FIELD_TYPES.items():
-        v = body.get(name)
-        if v is not None and (not isinstance(v, kind) or (kind is int and isinstance(v, bool))):
+    for name, v in body.items():  # the body's few fields, not every known one
+        kind = _FIELD_TYPES.get(name)
+        if kind is not None and v is not None and (not isinstance(v, kind) or (kind is int and isinstance(v, bool))):
             raise BadRequest(f"Field `{name}` has the wrong type: expected {_type_name(kind)}.")
     return body
 
