@@ -125,8 +125,10 @@ async def _run(request: web.Request, svc: Services, f: Flight) -> web.StreamResp
     # relay (with the adapter that answered: a fallback reads its own wire format)
     answered = outcome.adapter
     if call.stream and upstream.status < 300:
-        resp, f.relayed = await relay_stream(request, upstream, answered, call, strip, f.headers, f.t0,
-                                             lambda tap: svc.gate.overrun(ticket, tap, svc.tokenizer, est.model))
+        # A ticket's watch is only ever cleared after admission: without one, no per-chunk check.
+        overrun = None if ticket.watch is None else (
+            lambda tap: svc.gate.overrun(ticket, tap, svc.tokenizer, est.model))
+        resp, f.relayed = await relay_stream(request, upstream, answered, call, strip, f.headers, f.t0, overrun)
     else:
         async with upstream:
             resp, f.relayed = await relay_body(upstream, answered, call, f.headers)

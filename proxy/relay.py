@@ -1,7 +1,8 @@
 """Relay: pass the upstream's answer back as it comes, with a tap that sees what metering needs.
 
-Streams go through event by event (no buffering of the whole stream, back-pressure from the
-client's socket); a client that hangs up closes the upstream connection so generation stops.
+Streams go through in whole events, chunk by chunk as they come (no buffering of the whole stream,
+back-pressure from the client's socket); a client that hangs up closes the upstream connection so
+generation stops.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from multidict import CIMultiDict
 from .errors import ProxyError, UpstreamTimeout, UpstreamUnreachable
 from .forwarding import HOP_BY_HOP
 from .providers import Adapter, Call, StreamTap
-from .providers.sse import SSEEvent, SSESplitter
+from .providers.sse import SSEEvent
 from .records import Relayed
 
 # Upstream response headers the proxy replaces or must not copy.
@@ -90,9 +91,12 @@ async def relay_stream(
     strip_usage: bool,
     extra: dict[str, str],
     started: float,
-    overrun: Callable[[StreamTap], ProxyError | None],
+    overrun: Callable[[StreamTap], ProxyError | None] | None,
 ) -> tuple[web.StreamResponse, Relayed]:
-    """Relay a stream event by event. Never raises for upstream or client trouble after the 200."""
+    """Relay a stream in whole events. Never raises for upstream or client trouble after the 200.
+
+    `overrun` is asked after each chunk whether the stream must end; None: it never must.
+    """
     resp = web.StreamResponse(status=upstream.status, headers=response_headers(upstream, extra))
     out = Relayed(status=upstream.status, streamed=True)
     pump = _Pump(resp, adapter.new_tap(call, strip_usage),
@@ -150,34 +154,34 @@ class _Pump:
         self.resp = resp
         self.tap = tap
         self.sse = sse
-        self.splitter = SSESplitter()
         self.raw_json: list[bytes] = []  # Gemini's non-SSE stream is one JSON array: kept to read usage
         self.raw_size = 0
 
-    def _events(self, events: list) -> bytes:  # type: ignore[type-arg]
-        return b"".join([b for b in map(self.tap.on_event, events) if b])
-
     async def run(self, upstream: aiohttp.ClientResponse, out: Relayed, started: float,
-                  overrun: Callable[[StreamTap], ProxyError | None]) -> tuple[bool, ProxyError | None]:
+                  overrun: Callable[[StreamTap], ProxyError | None] | None) -> tuple[bool, ProxyError | None]:
         content = upstream.content
+        tap = self.tap
+        write = self.resp.write
         while chunk := await content.readany():
             if out.ttft_seconds is None:
                 out.ttft_seconds = time.perf_counter() - started
             if self.sse:
-                send = self._events(self.splitter.feed(chunk))
+                send = tap.feed(chunk)
             else:
                 send = chunk
                 if self.raw_size < _MAX_JSON_STREAM_BYTES:
                     self.raw_json.append(chunk)
                     self.raw_size += len(chunk)
             if send:
-                await self.resp.write(send)
-            end_error = overrun(self.tap)
-            if end_error is not None:
-                return False, end_error
-        rest = self._events(self.splitter.flush())
-        if rest:
-            await self.resp.write(rest)
+                await write(send)
+            if overrun is not None:
+                end_error = overrun(tap)
+                if end_error is not None:
+                    return False, end_error
+        if self.sse:
+            rest = tap.flush()
+            if rest:
+                await write(rest)
         return True, None
 
     def finish(self, out: Relayed) -> None:
@@ -187,7 +191,7 @@ class _Pump:
             # through the tap now, as the events they would have been, even if it was cut.
             for item in _json_items(b"".join(self.raw_json)):
                 data = orjson.dumps(item)
-                tap.on_event(SSEEvent(data, "", data))
+                tap.on_event(SSEEvent(b"data: " + data + b"\n\n", "", data))
         tap.finish()
         out.usage = tap.usage
         out.output_final = out.usage is not None and tap.output_final

@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,6 +15,10 @@ from ..errors import ProxyError
 from ..records import ApiKind, TokenCounts, Usage
 from .base import Adapter, Call, StreamTap, as_int
 from .sse import SSEEvent
+
+# Events named message_start/_delta/_stop or error carry usage or end the stream: looked at one by
+# one. The others are relayed as they came (content_block_delta's are kept for a fallback count).
+_MARKS = (re.compile(rb"event: ?(?:message_|error)"),)
 
 
 def anthropic_usage(u: Any, model: str | None, prior: Usage | None = None) -> Usage | None:
@@ -38,6 +43,8 @@ def anthropic_usage(u: Any, model: str | None, prior: Usage | None = None) -> Us
 class MessagesTap(StreamTap):
     __slots__ = ("_final",)
 
+    MARKS = _MARKS
+
     def __init__(self) -> None:
         super().__init__()
         self._final = False
@@ -45,7 +52,7 @@ class MessagesTap(StreamTap):
     def on_event(self, ev: SSEEvent) -> bytes | None:
         name = ev.event
         if name == "content_block_delta":
-            self.keep_text(ev.data)
+            self.keep_text(ev.raw)
         elif name in ("message_start", "message_delta"):
             try:
                 obj = orjson.loads(ev.data)
@@ -66,6 +73,9 @@ class MessagesTap(StreamTap):
         elif name == "error":
             self.error = ev.data.decode("utf-8", "replace")
         return ev.raw
+
+    def is_text(self, ev: SSEEvent) -> bool:
+        return ev.event == "content_block_delta"
 
     def collect_text(self, obj: Any, out: list[str]) -> None:
         delta = obj.get("delta") if isinstance(obj, dict) else None

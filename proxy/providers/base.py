@@ -5,9 +5,10 @@ in a body or a stream, and the provider's error body shape. Pure logic: no I/O.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, TypeAlias
 
 import orjson
 from aiohttp import ClientTimeout
@@ -17,7 +18,7 @@ from yarl import URL
 from ..config import ProviderConfig
 from ..errors import ProxyError
 from ..records import ApiKind, TokenCounts, Usage
-from .sse import SSEEvent
+from .sse import MAX_EVENT_BYTES, SSEEvent, event_at, event_ends, events_of, whole_end
 
 # Where SDKs send keys: stripped from every upstream request (the adapter sets the real one).
 CLIENT_KEY_HEADERS = ("authorization", "x-api-key", "api-key", "x-goog-api-key")
@@ -37,28 +38,114 @@ def as_int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
-class StreamTap:
-    """Watches a stream's events for metering; may ask to drop one event.
+Marks: TypeAlias = tuple[re.Pattern[bytes] | bytes, ...]
 
-    Taps keep raw bytes of the events that carry text, and parse them only at the end if the
-    provider never reported usage, so there is no per-chunk JSON parsing or tokenizing.
+
+def _next_mark(marks: Marks, block: bytes, pos: int) -> int:
+    """Offset of the first mark in `block` at or after `pos`; -1 when there is none."""
+    first = -1
+    for mark in marks:
+        if isinstance(mark, bytes):
+            at = block.find(mark, pos)
+        else:
+            m = mark.search(block, pos)
+            at = m.start() if m is not None else -1
+        if at >= 0 and (first < 0 or at < first):
+            first = at
+    return first
+
+
+class StreamTap:
+    """Watches a stream for metering; may ask to drop or rewrite an event.
+
+    `feed` takes the upstream's chunks and returns the bytes to relay: whole events only (a
+    partial one waits for its end). Events that can matter to metering are found by a search of
+    the bytes for `marks` and go through `on_event` one by one; runs of events between them go
+    through `pass_block` as they came, with no per-event work. Taps keep the raw bytes of what may
+    carry text and parse them only at the end if the provider never reported usage, so there is
+    no per-chunk JSON parsing or tokenizing.
     """
 
-    __slots__ = ("usage", "_text_events", "_keep_text", "error", "kept_bytes", "_covered")
+    __slots__ = ("usage", "_text_events", "_keep_text", "error", "kept_bytes", "_covered", "marks", "_carry")
+
+    # What occurs in every event that `on_event` would do more with than keep its text and relay
+    # it (a superset is fine: a false match only costs that event a parse); None: every event.
+    # Literal bytes, or patterns that start with a literal: each is one fast scan of a chunk.
+    MARKS: ClassVar[Marks | None] = None
 
     def __init__(self) -> None:
         self.usage: Usage | None = None
-        self._text_events: list[bytes] = []
+        self._text_events: list[bytes] = []  # raw bytes of whole events (one or more per item)
         self._keep_text = True
         self.kept_bytes = 0
         self.error: str | None = None  # an error event the upstream sent mid-stream
-        # Kept text events already counted by a cumulative `usage` (servers that report usage on
-        # every chunk): None when the usage seen so far does not cover the text that came with it.
+        # Kept items already counted by a cumulative `usage` (servers that report usage on every
+        # chunk): None when the usage seen so far does not cover the text that came with it.
         self._covered: int | None = None
+        self.marks = self.MARKS
+        self._carry = b""
 
+    # -- the stream as chunks -----------------------------------------
+    def feed(self, chunk: bytes) -> bytes:
+        """One upstream chunk in; the bytes to relay now (the events it completed) out."""
+        buf = self._carry + chunk if self._carry else chunk
+        end = whole_end(buf)
+        if end == len(buf):
+            self._carry = b""
+        elif len(buf) - end > MAX_EVENT_BYTES:
+            # A misbehaving upstream that never ends an event: pass it on as one, memory stays bounded.
+            self._carry = b""
+        else:
+            self._carry = buf[end:]
+            if not end:
+                return b""
+            buf = buf[:end]
+        return self.on_block(buf)
+
+    def flush(self) -> bytes:
+        """The stream ended: whatever is left (an event without its blank line)."""
+        rest, self._carry = self._carry, b""
+        return self.on_block(rest) if rest.strip() else b""
+
+    def on_block(self, block: bytes) -> bytes:
+        """Whole events in, the bytes to relay out: marked events one by one, the rest as a run."""
+        marks = self.marks
+        if marks is None:
+            return self.on_events(block)
+        at = _next_mark(marks, block, 0)
+        if at < 0:
+            return self.pass_block(block)
+        ends = event_ends(block)
+        out: list[bytes] = []
+        pos = 0
+        while at >= 0:
+            start, end = event_at(ends, at)
+            if start > pos:
+                out.append(self.pass_block(block[pos:start]))
+            out.append(self.on_events(block[start:end]))
+            pos = end
+            at = _next_mark(marks, block, end) if end < len(block) else -1
+        if pos < len(block):
+            out.append(self.pass_block(block[pos:]))
+        return b"".join(out)
+
+    def on_events(self, block: bytes) -> bytes:
+        """Whole events through `on_event` one by one (the exact path)."""
+        return b"".join([b for b in map(self.on_event, events_of(block)) if b])
+
+    def pass_block(self, block: bytes) -> bytes:
+        """Whole events none of which `marks` matched: keep them for a text count, relay as they are."""
+        self.keep_text(block)
+        return block
+
+    # -- one event ----------------------------------------------------
     def on_event(self, ev: SSEEvent) -> bytes | None:
         """Inspect one event; return the bytes to relay (usually `ev.raw`), or None to drop it."""
         raise NotImplementedError
+
+    def is_text(self, ev: SSEEvent) -> bool:
+        """Whether a kept event is one `on_event` keeps for its text (runs also hold others)."""
+        return True
 
     def finish(self) -> None:
         """The stream ended (cleanly or not): work out anything deferred."""
@@ -68,10 +155,11 @@ class StreamTap:
         """True once the provider has reported the final output count."""
         return not self._keep_text
 
-    def keep_text(self, data: bytes) -> None:
+    def keep_text(self, raw: bytes) -> None:
+        """Keep whole events' raw bytes, to count their text if usage never comes."""
         if self._keep_text:
-            self._text_events.append(data)
-            self.kept_bytes += len(data)
+            self._text_events.append(raw)
+            self.kept_bytes += len(raw)
 
     def output_usage_final(self) -> None:
         """Usage is known for good: stop holding text for a fallback count."""
@@ -95,14 +183,17 @@ class StreamTap:
         """Text that no usage seen so far accounts for (all of it, unless usage is cumulative)."""
         return self._text_of(self._text_events[self._covered or 0 :])
 
-    def _text_of(self, events: list[bytes]) -> str:
+    def _text_of(self, items: list[bytes]) -> str:
         parts: list[str] = []
-        for data in events:
-            try:
-                obj = orjson.loads(data)
-            except orjson.JSONDecodeError:
-                continue
-            self.collect_text(obj, parts)
+        for raw in items:
+            for ev in events_of(raw):
+                if not self.is_text(ev):
+                    continue
+                try:
+                    obj = orjson.loads(ev.data)
+                except orjson.JSONDecodeError:
+                    continue
+                self.collect_text(obj, parts)
         return "".join(parts)
 
     def collect_text(self, obj: Any, out: list[str]) -> None:

@@ -14,8 +14,9 @@ from multidict import CIMultiDict, MultiMapping
 from ..errors import ProxyError
 from ..records import ApiKind, TokenCounts, Usage
 from .base import Adapter, Call, StreamTap, as_int
-from .sse import SSEEvent
+from .sse import SSEEvent, event_at, event_ends, parse_event
 
+_MARKS = (b'"error"',)  # an error chunk: looked at on its own
 _METHOD = re.compile(r"/models/([^/:]+):([A-Za-z]+)$")
 _STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
            413: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 502: "UNAVAILABLE", 503: "UNAVAILABLE",
@@ -37,14 +38,34 @@ class GenerateTap(StreamTap):
 
     __slots__ = ("_last_usage",)
 
+    MARKS = _MARKS
+
     def __init__(self) -> None:
         super().__init__()
         self._last_usage: bytes | None = None
 
+    def pass_block(self, block: bytes) -> bytes:
+        # Usage is cumulative: only the run's last usageMetadata counts, the ones before it are
+        # replaced by it. Its event is read on its own; the text before it is covered by it.
+        at = block.rfind(b'"usageMetadata"')
+        if at < 0:
+            self.keep_text(block)
+            return block
+        start, end = event_at(event_ends(block), at)
+        ev = parse_event(block[start:end])
+        if b'"usageMetadata"' not in ev.data:  # the name outside its data (a comment): go one by one
+            return self.on_events(block)
+        self.keep_text(block[:end])
+        self._last_usage = ev.data
+        self.usage_covers_kept_text()
+        if end < len(block):
+            self.keep_text(block[end:])
+        return block
+
     def on_event(self, ev: SSEEvent) -> bytes | None:
         if b'"error"' in ev.data[:16]:
             self.error = ev.data.decode("utf-8", "replace")
-        self.keep_text(ev.data)
+        self.keep_text(ev.raw)
         if b'"usageMetadata"' in ev.data:
             # Parsed once, at the end: it is cumulative, and counts this chunk's text too.
             self._last_usage = ev.data

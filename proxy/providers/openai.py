@@ -21,6 +21,13 @@ from .sse import SSEEvent
 _HAS_USAGE = re.compile(rb'"usage"\s*:\s*\{')
 _EMPTY_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
 _USAGE_NULL = re.compile(rb',\s*"usage"\s*:\s*null')
+# Chat events to look at one by one: usage that is not null, and errors. Every other event is
+# relayed as it came (or, when stripping, with its compact `,"usage":null` removed, which is all
+# `on_event` would do to it; [DONE] is relayed untouched). The lookaheads stay on one line: an
+# SSE data line never spans two.
+_CHAT_MARKS = (re.compile(rb'"usage"(?![ \t]*:[ \t]*null)'), b'"error"')
+_CHAT_STRIP_MARKS = (re.compile(rb'"usage"(?:(?<!,"usage")|(?!:null))'), b'"error"', b"[DONE]")
+_RESPONSES_MARKS = (re.compile(rb"response\.(?:completed|incomplete|failed)"), re.compile(rb"event: ?error"))
 _RESPONSES_TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
 _RESPONSES_TEXT = frozenset(
     {"response.output_text.delta", "response.function_call_arguments.delta", "response.refusal.delta"}
@@ -60,6 +67,15 @@ class ChatTap(StreamTap):
         self.strip = strip
         self.model: str | None = None
         self._last_usage: bytes | None = None
+        self.marks = _CHAT_STRIP_MARKS if strip else _CHAT_MARKS
+
+    def pass_block(self, block: bytes) -> bytes:
+        self.keep_text(block)
+        # No mark: every "usage" here is the compact `,"usage":null`, so one replace is exact.
+        return block.replace(b',"usage":null', b"") if self.strip else block
+
+    def is_text(self, ev: SSEEvent) -> bool:
+        return ev.data[:6] != b"[DONE]"
 
     def on_event(self, ev: SSEEvent) -> bytes | None:
         data = ev.data
@@ -74,13 +90,13 @@ class ChatTap(StreamTap):
                     self.output_usage_final()
                     return None if self.strip else ev.raw
             # Cumulative usage riding on a content chunk: it counts this chunk's text too.
-            self.keep_text(data)
+            self.keep_text(ev.raw)
             self._last_usage = data
             self.usage_covers_kept_text()
             return ev.raw
         if b'"error"' in data[:16]:
             self.error = data.decode("utf-8", "replace")
-        self.keep_text(data)
+        self.keep_text(ev.raw)
         # Without the client's include_usage, chunks would carry no `"usage":null`.
         if not self.strip:
             return ev.raw
@@ -135,10 +151,15 @@ def _chunk_usage(data: bytes) -> Usage | None:
 class ResponsesTap(StreamTap):
     """Responses API streams: usage is on the terminal response.* event."""
 
+    MARKS = _RESPONSES_MARKS
+
+    def is_text(self, ev: SSEEvent) -> bool:
+        return ev.event in _RESPONSES_TEXT
+
     def on_event(self, ev: SSEEvent) -> bytes | None:
         name = ev.event
         if name in _RESPONSES_TEXT:
-            self.keep_text(ev.data)
+            self.keep_text(ev.raw)
         elif name in _RESPONSES_TERMINAL or (not name and b'"response.completed"' in ev.data[:64]):
             try:
                 obj = orjson.loads(ev.data)
