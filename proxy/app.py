@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client import multiprocess as prom_multiprocess
@@ -30,6 +29,7 @@ from .resilience import Breaker
 from .route import Router
 from .services import RELOAD, REQUEST_IDS, SERVICES, TRACKER, Live, RequestIds, Services, Tracker
 from .tokens import Tokenizer
+from .upstream import UpstreamPool
 
 log = logging.getLogger("meterproxy")
 
@@ -104,7 +104,7 @@ def build_services(config: Config, config_path: str, old: Services) -> Services:
     keys = KeyRing(config, old.gate.store)
     keys.adopt(old.keys)
     breakers = {name: old.breakers.get(name) or Breaker(p.circuit_breaker) for name, p in config.providers.items()}
-    return Services(config, adapters, Router(config, adapters), keys, tok, prices, gate, old.session,
+    return Services(config, adapters, Router(config, adapters), keys, tok, prices, gate, old.pool,
                     old.metrics, old.ledger, ZoneInfo(config.timezone), breakers)
 
 
@@ -142,10 +142,8 @@ def _services_ctx(tokenizer: Tokenizer | None):  # type: ignore[no-untyped-def]
             log.warning("quota store not reachable at start: %s", e)
         tz = ZoneInfo(config.timezone)
         gate = Gate(config, store, prices, metrics, tz)
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300)
         # No Accept-Encoding: answers come back plain, so metering reads them without inflating.
-        session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
-                                        skip_auto_headers=("User-Agent", "Accept-Encoding"))
+        pool = UpstreamPool(keepalive_timeout=30)
         ledger = Ledger(config.ledger.path, metrics, fsync_interval=config.ledger.fsync_interval,
                         rotate_bytes=config.ledger.rotate_bytes, queue_size=config.ledger.queue_size,
                         stream=store if config.ledger.redis_stream and isinstance(store, EventStream) else None,
@@ -155,7 +153,7 @@ def _services_ctx(tokenizer: Tokenizer | None):  # type: ignore[no-untyped-def]
         live = app[SERVICES]
         breakers = {name: Breaker(p.circuit_breaker) for name, p in config.providers.items()}
         live.services = Services(config, adapters, Router(config, adapters), KeyRing(config, store), tok, prices, gate,
-                                 session, metrics, ledger, tz, breakers)
+                                 pool, metrics, ledger, tz, breakers)
         replay = asyncio.get_running_loop().create_task(_replay_loop(live))
         # Other workers' scrapes read this one's values from files: fold observations in often.
         flusher = asyncio.get_running_loop().create_task(_flush_loop(metrics)) if multiprocess else None
@@ -172,7 +170,7 @@ def _services_ctx(tokenizer: Tokenizer | None):  # type: ignore[no-untyped-def]
             flusher.cancel()
         metrics.flush()
         await ledger.close()
-        await session.close()
+        await pool.close()
         await store.close()
 
     return ctx

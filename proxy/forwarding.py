@@ -1,11 +1,10 @@
-"""Forward: send a request upstream on the app's one ClientSession, with the real key and timeouts.
+"""Forward: send a request upstream on the app's one UpstreamPool, with the real key and timeouts.
 
 Only configured upstreams are ever reached: the URL is the provider's base_url plus the routed
 path; redirects are not followed; client auth headers and hop-by-hop headers never go upstream.
 """
 from __future__ import annotations
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
@@ -13,6 +12,7 @@ from yarl import URL
 from .errors import UpstreamTimeout, UpstreamUnreachable
 from .providers import Adapter, Call
 from .providers.base import CLIENT_KEY_HEADERS
+from .upstream import UpstreamError, UpstreamPool, UpstreamResponse, UpstreamTimeoutError
 
 HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
@@ -48,28 +48,29 @@ def upstream_url(adapter: Adapter, path: str, request: web.Request) -> URL:
 
 
 async def send(
-    session: aiohttp.ClientSession,
+    pool: UpstreamPool,
     adapter: Adapter,
     call: Call,
     path: str,
     request: web.Request,
     body: bytes | None,
-) -> aiohttp.ClientResponse:
-    """Open the upstream exchange; raises our 502/504 errors, never aiohttp's."""
+) -> UpstreamResponse:
+    """Open the upstream exchange; raises our 502/504 errors, never the client's."""
     timeout = adapter.stream_timeout if call.stream else adapter.body_timeout
     url = upstream_url(adapter, path, request)
     try:
-        return await session.request(
+        return await pool.request(
             request.method,
             url,
-            headers=upstream_headers(request, adapter),
-            data=body,
-            timeout=timeout,
-            allow_redirects=False,
+            upstream_headers(request, adapter),
+            body,
+            connect_timeout=timeout.sock_connect,
+            read_timeout=timeout.sock_read,
+            total_timeout=timeout.total,
         )
-    except (TimeoutError, aiohttp.ServerTimeoutError):
+    except UpstreamTimeoutError:
         raise UpstreamTimeout(f"The upstream provider {adapter.name!r} did not answer in time.") from None
-    except aiohttp.ClientError as e:
+    except UpstreamError as e:
         raise UpstreamUnreachable(
             f"The upstream provider {adapter.name!r} could not be reached ({type(e).__name__})."
         ) from None

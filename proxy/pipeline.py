@@ -116,7 +116,7 @@ async def _run(request: web.Request, svc: Services, f: Flight) -> web.StreamResp
             out = orjson.dumps(body)  # only re-serialized when something in it changed
     f.t_forward = time.perf_counter()
     try:
-        outcome = await forward(svc.session, _attempts(svc, target, call, est.model, request), svc.breakers, call,
+        outcome = await forward(svc.pool, _attempts(svc, target, call, est.model, request), svc.breakers, call,
                                 request, out, lambda name, kind: svc.metrics.upstream_errors.labels(name, kind).inc())
     except AttemptsFailed as e:
         f.retries = e.retries

@@ -12,7 +12,6 @@ import zlib
 from collections.abc import Callable
 from typing import Any
 
-import aiohttp
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict
@@ -22,6 +21,7 @@ from .forwarding import HOP_BY_HOP
 from .providers import Adapter, Call, StreamTap
 from .providers.sse import SSEEvent
 from .records import Relayed
+from .upstream import UpstreamError, UpstreamResponse
 
 # Upstream response headers the proxy replaces or must not copy.
 _DROP_RESPONSE = HOP_BY_HOP | frozenset({"content-length", "x-request-id"})
@@ -31,7 +31,7 @@ _MAX_JSON_STREAM_BYTES = 64 * 1024 * 1024
 CLIENT_CHECK_SECONDS = 0.2
 
 
-def response_headers(upstream: aiohttp.ClientResponse, extra: dict[str, str]) -> CIMultiDict[str]:
+def response_headers(upstream: UpstreamResponse, extra: dict[str, str]) -> CIMultiDict[str]:
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream.headers.items():
         lname = name.lower()
@@ -54,19 +54,19 @@ def _plain(data: bytes, encoding: str | None) -> bytes:
     return data
 
 
-def _is_json(upstream: aiohttp.ClientResponse) -> bool:
+def _is_json(upstream: UpstreamResponse) -> bool:
     return "json" in upstream.headers.get("content-type", "")
 
 
 async def relay_body(
-    upstream: aiohttp.ClientResponse, adapter: Adapter, call: Call, extra: dict[str, str]
+    upstream: UpstreamResponse, adapter: Adapter, call: Call, extra: dict[str, str]
 ) -> tuple[web.Response, Relayed]:
     """A non-streamed answer: read it whole (usage is in it), forward the bytes unchanged."""
     try:
         data = await upstream.read()
     except TimeoutError:
         raise UpstreamTimeout(f"The upstream provider {adapter.name!r} did not finish its answer in time.") from None
-    except aiohttp.ClientError as e:
+    except UpstreamError as e:
         raise UpstreamUnreachable(f"The upstream provider {adapter.name!r} broke off its answer ({type(e).__name__}).") from None
     done = time.perf_counter()
     out = Relayed(status=upstream.status, upstream_done=done)
@@ -85,7 +85,7 @@ async def relay_body(
 
 async def relay_stream(
     request: web.Request,
-    upstream: aiohttp.ClientResponse,
+    upstream: UpstreamResponse,
     adapter: Adapter,
     call: Call,
     strip_usage: bool,
@@ -117,7 +117,7 @@ async def relay_stream(
         out.client_gone = True
     except TimeoutError:
         end_error = UpstreamTimeout(f"The upstream provider {adapter.name!r} went silent mid-stream.")
-    except aiohttp.ClientError as e:
+    except UpstreamError as e:
         end_error = UpstreamUnreachable(f"The upstream provider {adapter.name!r} cut the stream ({type(e).__name__}).")
     finally:
         watch.stop()
@@ -157,12 +157,11 @@ class _Pump:
         self.raw_json: list[bytes] = []  # Gemini's non-SSE stream is one JSON array: kept to read usage
         self.raw_size = 0
 
-    async def run(self, upstream: aiohttp.ClientResponse, out: Relayed, started: float,
+    async def run(self, upstream: UpstreamResponse, out: Relayed, started: float,
                   overrun: Callable[[StreamTap], ProxyError | None] | None) -> tuple[bool, ProxyError | None]:
-        content = upstream.content
         tap = self.tap
         write = self.resp.write
-        while chunk := await content.readany():
+        while chunk := await upstream.readany():
             if out.ttft_seconds is None:
                 out.ttft_seconds = time.perf_counter() - started
             if self.sse:

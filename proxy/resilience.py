@@ -11,13 +11,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import aiohttp
 from aiohttp import web
 
 from .config import CircuitBreaker
 from .errors import ProxyError, UpstreamTimeout, UpstreamUnreachable
 from .forwarding import send
 from .providers import Adapter, Call
+from .upstream import UpstreamPool, UpstreamResponse
 
 
 class Breaker:
@@ -63,7 +63,7 @@ class Attempt:
 
 @dataclass(slots=True)
 class Outcome:
-    upstream: aiohttp.ClientResponse
+    upstream: UpstreamResponse
     adapter: Adapter
     retries: int
 
@@ -78,7 +78,7 @@ class AttemptsFailed(Exception):
 
 
 async def forward(
-    session: aiohttp.ClientSession,
+    pool: UpstreamPool,
     attempts: list[Attempt],
     breakers: dict[str, Breaker],
     call: Call,
@@ -90,7 +90,7 @@ async def forward(
     started = time.monotonic()
     retries = 0
     last: ProxyError | None = None
-    last_response: aiohttp.ClientResponse | None = None
+    last_response: UpstreamResponse | None = None
     last_adapter = attempts[0].adapter
     for target in attempts:
         adapter = target.adapter
@@ -106,7 +106,7 @@ async def forward(
                 last_response.release()
                 last_response = None
             try:
-                upstream = await send(session, adapter, call, target.path, request, body)
+                upstream = await send(pool, adapter, call, target.path, request, body)
             except (UpstreamUnreachable, UpstreamTimeout) as e:
                 breaker.failure()
                 on_error(adapter.name, "unreachable" if isinstance(e, UpstreamUnreachable) else "timeout")
@@ -132,7 +132,7 @@ async def forward(
     raise AttemptsFailed(last, retries)
 
 
-def _backoff(base: float, n: int, resp: aiohttp.ClientResponse | None) -> float:
+def _backoff(base: float, n: int, resp: UpstreamResponse | None) -> float:
     """Exponential with full jitter; an upstream's own retry-after (if short) wins."""
     if resp is not None:
         ra = resp.headers.get("retry-after-ms") or None

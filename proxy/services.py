@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from datetime import date, datetime, tzinfo
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from .auth import KeyRing
@@ -26,6 +25,7 @@ from .quota.gate import Gate
 from .resilience import Breaker
 from .route import Router
 from .tokens import Tokenizer
+from .upstream import UpstreamPool
 
 log = logging.getLogger("meterproxy")
 
@@ -39,7 +39,7 @@ class Services:
     tokenizer: Tokenizer
     prices: PriceTable
     gate: Gate
-    session: aiohttp.ClientSession
+    pool: UpstreamPool
     metrics: Metrics
     ledger: Ledger
     tz: tzinfo

@@ -225,19 +225,18 @@ async def test_upstream_faults_against_a_proxy_process(fake: FakeProvider, tmp_p
 
 
 def idle_upstream_connections(proxy: Proxy) -> int:
-    return sum(len(v) for v in proxy.svc.session.connector._conns.values())  # type: ignore[union-attr]
+    return proxy.svc.pool.idle_count()
 
 
 async def test_100_clients_hang_up_mid_stream(start_proxy: StartProxy, fake: FakeProvider) -> None:
     proxy = await start_proxy()
-    connector = proxy.svc.session.connector
-    assert connector is not None
+    pool = proxy.svc.pool
     async with aiohttp.ClientSession() as s:  # warm-up: one idle pooled upstream connection
         async with s.post(proxy.url + "/openai/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": CHAT},
                           headers=AUTH) as r:
             assert r.status == 200
     idle_before = idle_upstream_connections(proxy)
-    assert idle_before == 1 and not connector._acquired  # type: ignore[attr-defined]
+    assert idle_before == 1 and pool.active_count() == 0
     fake.reset()
 
     port = int(proxy.url.rsplit(":", 1)[1])
@@ -256,7 +255,7 @@ async def test_100_clients_hang_up_mid_stream(start_proxy: StartProxy, fake: Fak
         return writer
 
     writers = await asyncio.gather(*(open_stream() for _ in range(100)))
-    assert fake.open_streams == 100 and len(connector._acquired) == 100  # type: ignore[attr-defined]
+    assert fake.open_streams == 100 and pool.active_count() == 100
     for w in writers:
         reset(w)  # every client vanishes at once
     await fake.wait_until(lambda: fake.open_streams == 0 and len(fake.disconnects) == 100, timeout=10)
@@ -269,7 +268,7 @@ async def test_100_clients_hang_up_mid_stream(start_proxy: StartProxy, fake: Fak
     sent = {r.chunks_sent for r in fake.requests}
     assert all(e["output_tokens"] >= 2 for e in cut) and min(sent) >= 2 and not any(r.completed for r in fake.requests)
     # No leaked connection on either side: nothing acquired, the pool no larger than before.
-    assert not connector._acquired  # type: ignore[attr-defined]
+    assert pool.active_count() == 0
     assert idle_upstream_connections(proxy) <= idle_before
     await _wait(lambda: not proxy.runner.server.connections)  # type: ignore[union-attr]
     assert proxy.metric("meterproxy_inflight_requests", {"provider": "openai"}) == 0
