@@ -11,7 +11,8 @@ import json
 import logging
 import math
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any, Protocol
@@ -86,6 +87,11 @@ GEMINI_MEDIA_PART_TOKENS = 1000
 # can sit after a large EXIF block; beyond this we give up and use the constant).
 _IMAGE_HEADER_B64_CHARS = 65536
 _MODEL_CACHE_MAX = 512
+# glibc mallopt parameters and the values used around a load (see _compact_load).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_LOAD_MMAP_THRESHOLD = 128 * 1024  # glibc's starting value
+_SERVE_MMAP_THRESHOLD = 4 * 1024 * 1024
 
 _JPEG_SOF = frozenset(
     {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
@@ -121,15 +127,40 @@ def _slim(encoding: Encoding) -> Encoding:
     return encoding
 
 
-def _trim_heap() -> None:
-    """Hand the memory freed by `_slim` back to the OS (glibc keeps it otherwise)."""
-    gc.collect()
+def _glibc() -> Any | None:
+    """The C library when it is glibc (malloc_trim, mallopt), else None (musl, macOS)."""
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except OSError:
+        return None
+
+
+@contextmanager
+def _compact_load() -> Iterator[None]:
+    """Load encodings with glibc's mmap threshold at 128 KiB, then return the freed memory.
+
+    glibc raises its threshold to the size of each large block freed. A load frees several
+    (the file, the rank dict's tables as it grows), so the large Rust tables built next would
+    land in the loading thread's arena among small blocks instead of in their own mappings,
+    leaving gaps malloc_trim cannot return. Measured with the server: 102.8 -> 98.5 MiB at
+    start (o200k), +30.5 -> +21.5 MiB for a lazy cl100k load. Setting the threshold turns
+    glibc's adjustment off, so afterwards we set what serving wants: bodies up to 4 MiB from
+    the heap (at 128 KiB a 200 KB prompt costs ~300 page faults, +14 % CPU) and glibc's own
+    trim/mmap ratio of 2."""
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, _LOAD_MMAP_THRESHOLD)
+    try:
+        yield
+    finally:
+        gc.collect()  # the dropped rank dicts (see `_slim`), if a cycle still held them
+        if libc is not None:
+            libc.malloc_trim(0)
+            libc.mallopt(_M_MMAP_THRESHOLD, _SERVE_MMAP_THRESHOLD)
+            libc.mallopt(_M_TRIM_THRESHOLD, 2 * _SERVE_MMAP_THRESHOLD)
 
 
 def estimate_from_bytes(text: str) -> int:
@@ -165,7 +196,7 @@ class Tokenizer:
         self._lock = threading.Lock()
         self._models: dict[str, _ModelCounter] = {}
         # lazy: load() takes only the default encoding; others load on first use, in a thread,
-        # with the default standing in meanwhile (each encoding costs 40-80 MiB of memory).
+        # with the default standing in meanwhile (resident: o200k ~43 MiB, cl100k ~21 MiB).
         self._lazy = lazy
         self._pending: set[str] = set()
 
@@ -176,37 +207,41 @@ class Tokenizer:
         with self._lock:
             if self._loaded:
                 return
-            required = dict.fromkeys((self._default_encoding,) if self._lazy
-                                     else (*_BASE_ENCODINGS, self._default_encoding))
-            optional = [] if self._lazy else [name for _, name in self._globs if name not in required]
-            try:
-                for name in required:
-                    self._encodings[name] = _slim(self._loader(name))
-            except Exception as exc:  # tiktoken raises requests/OS/value errors; any means "none"
-                self._encodings.clear()
-                self._fallback = True
-                logger.warning(
-                    "tiktoken encodings could not be loaded (%s: %s); token counts are ESTIMATES "
-                    "from byte length / 4. Set TIKTOKEN_CACHE_DIR to a directory holding the "
-                    "encoding files.",
-                    type(exc).__name__,
-                    exc,
-                )
-            else:
-                for name in dict.fromkeys(optional):
-                    try:
-                        self._encodings[name] = _slim(self._loader(name))
-                    except Exception as exc:  # a bad configured name must not stop the proxy
-                        logger.warning(
-                            "encoding %r from config could not be loaded (%s); models mapped to it "
-                            "use %s instead",
-                            name,
-                            exc,
-                            self._default_encoding,
-                        )
+            with _compact_load():
+                self._load_encodings()
             self._models.clear()
             self._loaded = True
-        _trim_heap()
+
+    def _load_encodings(self) -> None:
+        """Fill `_encodings` (lock held); a required encoding missing means fallback mode."""
+        required = dict.fromkeys((self._default_encoding,) if self._lazy
+                                 else (*_BASE_ENCODINGS, self._default_encoding))
+        optional = [] if self._lazy else [name for _, name in self._globs if name not in required]
+        try:
+            for name in required:
+                self._encodings[name] = _slim(self._loader(name))
+        except Exception as exc:  # tiktoken raises requests/OS/value errors; any means "none"
+            self._encodings.clear()
+            self._fallback = True
+            logger.warning(
+                "tiktoken encodings could not be loaded (%s: %s); token counts are ESTIMATES "
+                "from byte length / 4. Set TIKTOKEN_CACHE_DIR to a directory holding the "
+                "encoding files.",
+                type(exc).__name__,
+                exc,
+            )
+            return
+        for name in dict.fromkeys(optional):
+            try:
+                self._encodings[name] = _slim(self._loader(name))
+            except Exception as exc:  # a bad configured name must not stop the proxy
+                logger.warning(
+                    "encoding %r from config could not be loaded (%s); models mapped to it "
+                    "use %s instead",
+                    name,
+                    exc,
+                    self._default_encoding,
+                )
 
     @property
     def fallback(self) -> bool:
@@ -273,9 +308,9 @@ class Tokenizer:
 
         def run() -> None:
             try:
-                self._encodings[name] = _slim(self._loader(name))
+                with _compact_load():
+                    self._encodings[name] = _slim(self._loader(name))
                 self._models.clear()  # counters built with the stand-in are rebuilt
-                gc.collect()  # frees the dropped rank tables now, not at some later collection
             except Exception as exc:  # keep the stand-in for good
                 logger.warning("encoding %r could not be loaded (%s); using %s", name, exc, self._default_encoding)
                 self._encodings[name] = self._encodings[self._default_encoding]
