@@ -98,17 +98,24 @@ class KeyRing:
     def config_key_ids(self) -> frozenset[str]:
         return frozenset(e.key_id for e in self._by_digest.values())
 
-    async def lookup(self, key: str | None) -> KeyEntry:
+    def configured(self, key: str | None) -> KeyEntry | None:
+        """The entry of a key from the config file, without a coroutine: None for anything else."""
         if not key:
-            raise Unauthorized("Missing API key: send your meterproxy virtual key as your SDK's API key.")
+            return None
         digest = self._digests.get(key)
         if digest is None:
             if len(self._digests) >= _MAX_CACHED_KEYS:
                 self._digests.clear()
             digest = self._digests[key] = sha256_hex(key)
-        entry = self._by_digest.get(digest)
+        return self._by_digest.get(digest)
+
+    async def lookup(self, key: str | None) -> KeyEntry:
+        if not key:
+            raise Unauthorized("Missing API key: send your meterproxy virtual key as your SDK's API key.")
+        entry = self.configured(key)
         if entry is not None:
             return entry
+        digest = self._digests.get(key) or sha256_hex(key)
         if self._store is None:
             entry = self._extra.get(digest)
             if entry is None:

@@ -18,6 +18,7 @@ HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
      "trailers", "transfer-encoding", "upgrade", "proxy-connection"}
 )
+_URL_CACHE_MAX = 1024  # distinct paths per provider whose upstream URL is kept
 # Request headers the proxy sets itself (or must not pass on).
 _DROP_REQUEST = HOP_BY_HOP | frozenset(CLIENT_KEY_HEADERS) | frozenset(
     {"host", "content-length", "accept-encoding", "x-meterproxy-user", "forwarded", "x-forwarded-for",
@@ -41,10 +42,21 @@ def upstream_headers(request: web.Request, adapter: Adapter) -> CIMultiDict[str]
 def upstream_url(adapter: Adapter, path: str, request: web.Request) -> URL:
     # Built from the configured base URL only: the client's raw path is appended, never parsed as
     # a URL, so no request line or Host header can point the proxy anywhere else.
+    plain = not request.query_string
+    if plain:  # the usual call (no query): one URL per path, built once
+        url = adapter.url_cache.get(path)
+        if url is not None:
+            return url
     base = adapter.base
-    return base.with_path(base.raw_path.rstrip("/") + (path or "/"), encoded=True).with_query(
-        adapter.upstream_query(request.query)
-    )
+    # The adapter may add to the query (Azure's api-version) or drop from it (Gemini's key).
+    url = base.with_path(base.raw_path.rstrip("/") + (path or "/"), encoded=True).with_query(
+        adapter.upstream_query(request.query))
+    if not plain:
+        return url
+    if len(adapter.url_cache) >= _URL_CACHE_MAX:
+        adapter.url_cache.clear()
+    adapter.url_cache[path] = url
+    return url
 
 
 async def send(

@@ -79,7 +79,8 @@ async def _run(request: web.Request, svc: Services, f: Flight) -> web.StreamResp
     # route (by path; the unified /v1 route needs the body's model first)
     target = svc.router.by_path(request.path)
     # authenticate
-    entry = await svc.keys.lookup(presented_key(request.headers, request.query))
+    key = presented_key(request.headers, request.query)
+    entry = svc.keys.configured(key) or await svc.keys.lookup(key)
     f.subject = svc.keys.subject(entry, request.headers.get(END_USER_HEADER))
     if request.content.is_eof():  # the whole body came with the headers (the usual case): no wait, no timer
         raw = await _read_body(request, svc.config.max_body_bytes)
@@ -232,10 +233,11 @@ async def _settle_and_record(svc: Services, f: Flight, t_end: float) -> None:
     svc.metrics.observe(rec, overhead)
     svc.ledger.write(rec)
     # One line per request: a warning when the upstream failed it, else debug. Only the key's short id.
-    log.log(logging.WARNING if rec.status >= 500 or kind is not None else logging.DEBUG,
-            "request %s: %s %s %s -> %d%s (user %s, key %s, %d retries, %.3fs)", rec.request_id, rec.provider,
-            rec.api_kind, rec.model, rec.status, f" {rec.error}" if rec.error else "", rec.user, rec.key_id,
-            rec.retries, rec.latency_seconds, extra={"request_id": rec.request_id})
+    level = logging.WARNING if rec.status >= 500 or kind is not None else logging.DEBUG
+    if log.isEnabledFor(level):
+        log.log(level, "request %s: %s %s %s -> %d%s (user %s, key %s, %d retries, %.3fs)", rec.request_id,
+                rec.provider, rec.api_kind, rec.model, rec.status, f" {rec.error}" if rec.error else "", rec.user,
+                rec.key_id, rec.retries, rec.latency_seconds, extra={"request_id": rec.request_id})
 
 
 def _upstream_error_kind(f: Flight, got: Relayed | None) -> str | None:

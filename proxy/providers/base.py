@@ -210,6 +210,7 @@ class Adapter:
         self.config = config
         self.base_url = config.base_url
         self.base = URL(config.base_url)
+        self.url_cache: dict[str, URL] = {}  # routed path -> upstream URL (forwarding fills it)
         t = config.timeouts
         # Streams get an idle (per-read) timeout, never a total one: a long generation is not a hung one.
         self.stream_timeout = ClientTimeout(total=None, sock_connect=t.connect, sock_read=t.idle)

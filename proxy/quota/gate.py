@@ -186,6 +186,7 @@ class Gate:
         # A store call waits at most this long (connect + command), so a dead store never hangs a request.
         self._timeout = config.store_timeout * 2
         self._bounded = not isinstance(store, MemoryStore)
+        self._embedded = store if type(store) is MemoryStore else None  # exactly: a subclass may wait
         self._period_cache: tuple[float, float, str, str] = (0.0, 0.0, "", "")
         self._profiles: dict[Subject, _Profile] = {}
 
@@ -250,12 +251,15 @@ class Gate:
                 held = True
             room = self._state.room()  # taken before asking, so a settle during the ask still wakes us
             adm = self._admission(request_id, tag, limits, est, out)
-            try:
-                decision, local = await self._store_admit(adm)
-            except BaseException:
-                if held and slot is not None:
-                    slot.release()
-                raise
+            if self._embedded is not None:  # cannot fail or wait: no guard, no coroutine layers
+                decision, local = self._embedded.admit_now(adm), False
+            else:
+                try:
+                    decision, local = await self._store_admit(adm)
+                except BaseException:
+                    if held and slot is not None:
+                        slot.release()
+                    raise
             if decision.admitted:
                 self._count_shadow(subject, decision.shadow_denied, request_id)
                 return self._ticket(subject, decision, local, slot if held else None, prof, est, out, clamp)
@@ -415,6 +419,8 @@ class Gate:
                     "serving on local counters" if self.config.on_store_failure == "open" else "refusing", backoff)
 
     async def _store_admit(self, adm: Admission) -> tuple[Decision, bool]:
+        if self._embedded is not None:  # cannot fail or wait: no guard, no coroutine layers
+            return self._embedded.admit_now(adm), False
         try:
             return await self._guarded("admit", lambda: self.store.admit(adm)), False
         except _StoreDown:
@@ -478,6 +484,9 @@ class Gate:
             if res is not None:
                 await self._state.local.settle(res, usage.totals.tokens, usage.totals.cost_micro_usd, now)
             self._keep_for_replay(_Replay(usage, _replay_admission(res) if res is not None else None))
+            return
+        if self._embedded is not None:
+            self._embedded.settle_and_record_now(res, usage, now)
             return
         try:
             await self._guarded("settle", lambda: self.store.settle_and_record(res, usage, now))

@@ -434,6 +434,10 @@ class MemoryStore:
         return True
 
     async def admit(self, admission: Admission) -> Decision:
+        return self.admit_now(admission)
+
+    # The embedded store never suspends: callers that know it may skip the coroutine layers.
+    def admit_now(self, admission: Admission) -> Decision:
         periods = Periods.of(admission.day, admission.month, self._tz)
         now = admission.now
         self._sweep(now)
@@ -456,6 +460,9 @@ class MemoryStore:
 
     async def settle(self, reservation: Reservation, tokens: int, cost_micro_usd: int,
                      now: float) -> bool:
+        return self.settle_now(reservation, tokens, cost_micro_usd, now)
+
+    def settle_now(self, reservation: Reservation, tokens: int, cost_micro_usd: int, now: float) -> bool:
         key = record_key(reservation.tag, reservation.request_id)
         expiry = self._records.pop(key, None)
         if expiry is None or expiry <= now:
@@ -573,10 +580,12 @@ class MemoryStore:
     # ------------------------------------------------------------ usage aggregates and keys
     async def settle_and_record(self, reservation: Reservation | None, usage: AggregateDelta,
                                 now: float) -> bool:
+        return self.settle_and_record_now(reservation, usage, now)
+
+    def settle_and_record_now(self, reservation: Reservation | None, usage: AggregateDelta, now: float) -> bool:
         if reservation is not None:
             # The reservation's record is the event's marker: only the first settle finds it.
-            # settle() never suspends, so the settle and the aggregate update stay one atomic step.
-            if not await self.settle(reservation, usage.totals.tokens, usage.totals.cost_micro_usd, now):
+            if not self.settle_now(reservation, usage.totals.tokens, usage.totals.cost_micro_usd, now):
                 return False
         else:
             seen, order = self._seen, self._seen_order
