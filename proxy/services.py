@@ -8,9 +8,11 @@ import asyncio
 import itertools
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import date, datetime, tzinfo
+from functools import lru_cache
 from typing import Any
 
 from aiohttp import web
@@ -46,10 +48,10 @@ class Services:
     breakers: dict[str, Breaker]
 
     def today(self) -> date:
-        return datetime.now(self.tz).date()
+        return _date_at(self.tz, int(time.time() // 60))
 
     def day_of(self, ts: float) -> date:
-        return datetime.fromtimestamp(ts, self.tz).date()
+        return _date_at(self.tz, int(ts // 60))
 
     def guess_adapter(self, request: web.Request) -> Adapter:
         """The adapter whose error shape fits a request that was refused before routing."""
@@ -60,6 +62,12 @@ class Services:
         family = ("anthropic" if "anthropic-version" in h or "x-api-key" in h
                   else "gemini" if "x-goog-api-key" in h or first == "v1beta" else "openai")
         return next((a for a in self.adapters.values() if a.family == family), next(iter(self.adapters.values())))
+
+
+@lru_cache(maxsize=256)
+def _date_at(tz: tzinfo, minute: int) -> date:
+    """The date in `tz` during one minute of unix time (every zone changes date on a whole minute)."""
+    return datetime.fromtimestamp(minute * 60, tz).date()
 
 
 class RequestIds:

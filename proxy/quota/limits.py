@@ -102,33 +102,35 @@ def _merged(scope: str, sources: Iterable[Limits]) -> list[Limit]:
     return out
 
 
-def _tightest(states: Iterable[LimitState], names: frozenset[LimitName]) -> LimitState | None:
-    best: LimitState | None = None
-    for st in states:
-        if st.limit.name in names and st.limit.enforce and (best is None or st.remaining < best.remaining):
-            best = st
-    return best
-
-
-_RPM = frozenset({LimitName.RPM})
-_TPM = frozenset({LimitName.TPM})
-
-
 def rate_headers(states: Iterable[LimitState]) -> dict[str, str]:
     """The subject's own x-ratelimit-* headers (OpenAI's names and formats) and budget headroom.
 
     Each pair reports the enforced limit with the least room left; `reset` is when the window
     next frees room (sliding windows: when the oldest counted use leaves it).
     """
-    states = tuple(states)
+    rpm = tpm = money = None
+    for st in states:  # one pass: the tightest enforced limit of each kind
+        lim = st.limit
+        if not lim.enforce:
+            continue
+        name = lim.name
+        if name is LimitName.RPM:
+            if rpm is None or st.remaining < rpm.remaining:
+                rpm = st
+        elif name is LimitName.TPM:
+            if tpm is None or st.remaining < tpm.remaining:
+                tpm = st
+        elif name in MONEY_LIMITS and (money is None or st.remaining < money.remaining):
+            money = st
     out: dict[str, str] = {}
-    for kind, names in (("requests", _RPM), ("tokens", _TPM)):
-        st = _tightest(states, names)
-        if st is not None:
-            out[f"x-ratelimit-limit-{kind}"] = str(st.limit.value)
-            out[f"x-ratelimit-remaining-{kind}"] = str(st.remaining)
-            out[f"x-ratelimit-reset-{kind}"] = go_duration(st.reset_seconds)
-    money = _tightest(states, MONEY_LIMITS)
+    if rpm is not None:
+        out["x-ratelimit-limit-requests"] = str(rpm.limit.value)
+        out["x-ratelimit-remaining-requests"] = str(rpm.remaining)
+        out["x-ratelimit-reset-requests"] = go_duration(rpm.reset_seconds)
+    if tpm is not None:
+        out["x-ratelimit-limit-tokens"] = str(tpm.limit.value)
+        out["x-ratelimit-remaining-tokens"] = str(tpm.remaining)
+        out["x-ratelimit-reset-tokens"] = go_duration(tpm.reset_seconds)
     if money is not None:
         out["x-budget-remaining-usd"] = format_usd(money.remaining)
     return out
