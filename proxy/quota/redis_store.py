@@ -46,6 +46,7 @@ from proxy.quota.memory import (
     settle_delta,
     window_view,
 )
+from proxy.quota.resp import NoScript, RespClient, endpoint_from_url, pack
 from proxy.quota.store import (
     Admission,
     AggregateDelta,
@@ -99,7 +100,9 @@ class RedisStore:
     admission's hash tag `{tag}`, so one script's keys share a cluster slot. The scripts run on
     the proxy's clock (`now` in each call), not Redis's. Socket timeouts are short so a dead Redis
     fails a request in well under a second or two instead of hanging it. If Redis is down at
-    `start`, it raises `StoreError`; later calls try to connect again.
+    `start`, it raises `StoreError`; later calls try to connect again. The script calls (the
+    per-request hot path) go over one lean pipelined connection of their own (`resp`) when the URL
+    is a plain one to a single server; everything else, and Redis Cluster, uses redis-py.
     """
 
     def __init__(self, url: str, cluster: bool | None = None, prefix: str = "mp:", *,
@@ -112,6 +115,7 @@ class RedisStore:
         self._timeout = timeout_seconds
         self._tz = tz
         self._client: Redis | RedisCluster | None = None
+        self._resp: RespClient | None = None  # the script calls' own connection (plain Redis only)
         self._connecting = asyncio.Lock()  # a burst before the first connect opens one client
         self._admit = _Script("admit.lua")
         self._record = _Script("record.lua")
@@ -123,6 +127,9 @@ class RedisStore:
 
     async def close(self) -> None:
         client, self._client = self._client, None
+        resp, self._resp = self._resp, None
+        if resp is not None:
+            resp.close()
         if client is not None:
             try:
                 await client.aclose()
@@ -351,11 +358,20 @@ class RedisStore:
         return tuple(_view(c, r, now) for c, r in zip(plan_.counters, replies, strict=True))
 
     async def _run(self, script: _Script, keys: list[str], args: list[str | int]) -> Any:
-        client = await self._connect()
-        if isinstance(client, Redis):
-            # Script calls made in the same event-loop turn share one pipelined round trip.
-            return await self._batch.call(client, script, keys, args)
-        return await self._run_one(client, script, keys, args)
+        resp = self._resp
+        if resp is None:
+            client = await self._connect()
+            resp = self._resp
+            if resp is None:  # Redis Cluster, TLS or an unusual URL: redis-py
+                if isinstance(client, Redis):
+                    # Script calls made in the same event-loop turn share one pipelined round trip.
+                    return await self._batch.call(client, script, keys, args)
+                return await self._run_one(client, script, keys, args)
+        try:
+            return await resp.call(pack(("EVALSHA", script.sha, len(keys), *keys, *args)))
+        except NoScript:
+            # Redis restarted or failed over and lost its script cache: EVAL reloads it.
+            return await resp.call(pack(("EVAL", script.source, len(keys), *keys, *args)))
 
     async def _run_one(self, client: Redis | RedisCluster, script: _Script, keys: list[str],
                        args: list[str | int]) -> Any:
@@ -373,8 +389,24 @@ class RedisStore:
             return self._client
         async with self._connecting:
             if self._client is None:
-                self._client = await self._open()
+                client = await self._open()
+                try:
+                    self._resp = await self._open_resp(client)
+                except BaseException:
+                    await client.aclose()
+                    raise
+                self._client = client
             return self._client
+
+    async def _open_resp(self, client: Redis | RedisCluster) -> RespClient | None:
+        """Script calls, the hot path, get a lean pipelined connection of their own when the URL
+        is a plain `redis://` or `unix://` one to a single server; the rest stays on redis-py."""
+        endpoint = endpoint_from_url(self._url) if isinstance(client, Redis) else None
+        if endpoint is None:
+            return None
+        resp = RespClient(endpoint, self._timeout)
+        await resp.connection()  # fail `start` now, as redis-py's script load would
+        return resp
 
     async def _open(self) -> Redis | RedisCluster:
         options: dict[str, Any] = {
