@@ -6,6 +6,7 @@ the response is parsed inside the protocol callback, and each connection has one
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 from collections.abc import Iterable, Mapping
 from types import TracebackType
@@ -522,7 +523,7 @@ class _Connection(asyncio.Protocol):
         out: list[bytes] = []
         pos = 0
         n = len(data)
-        while pos < n:
+        while pos < n and self._cstate != _C_END:
             state = self._cstate
             if state == _C_DATA:
                 take = min(self._remaining, n - pos)
@@ -546,28 +547,39 @@ class _Connection(asyncio.Protocol):
                         raise UpstreamProtocolError("chunk-size or trailer line too long")
                     self._buf = data[pos:]
                     break
-                self._chunk_line(data[pos:eol])
-                pos = eol + 2
-                if self._cstate == _C_END:
-                    if pos < n:  # bytes past the response: the stream is out of step
-                        self._keep_alive = False
-                    break
+                pos = self._line(data, pos, eol, out)
         if out:
             resp._push(out[0] if len(out) == 1 else b"".join(out))
         if self._cstate == _C_END:
+            if pos < n:  # bytes past the response: the stream is out of step
+                self._keep_alive = False
             self._finish(resp)
 
-    def _chunk_line(self, line: bytes) -> None:
-        if self._cstate == _C_SIZE:
-            size = _chunk_size(line)
-            self._remaining = size
-            self._cstate = _C_DATA if size else _C_TRAILER
-        elif line:  # a trailer field: read past, bounded
+    def _line(self, data: bytes, pos: int, eol: int, out: list[bytes]) -> int:
+        """A chunk-size or trailer line ending at `eol`; returns where reading goes on."""
+        line = data[pos:eol]
+        if self._cstate != _C_SIZE:
+            self._trailer_line(line)
+            return eol + 2
+        size = int(line, 16) if _PLAIN_HEX.fullmatch(line) else _chunk_size(line)
+        end = eol + 2 + size
+        if size and data[end: end + 2] == b"\r\n":  # the usual case: the whole chunk is here, one step
+            out.append(data[eol + 2: end])
+            return end + 2
+        self._remaining = size
+        self._cstate = _C_DATA if size else _C_TRAILER
+        return eol + 2
+
+    def _trailer_line(self, line: bytes) -> None:
+        if line:  # a trailer field: read past, bounded
             self._trailer += len(line) + 2
             if self._trailer > _MAX_TRAILER_BYTES:
                 raise UpstreamProtocolError("trailers over 64 KiB")
         else:  # the empty line after the last chunk and its trailers
             self._cstate = _C_END
+
+
+_PLAIN_HEX = re.compile(rb"[0-9a-fA-F]{1,16}")  # a chunk-size line without extensions or spaces
 
 
 def _chunk_size(line: bytes) -> int:
