@@ -1,10 +1,13 @@
-"""The lean RESP client behind the Redis store's script calls, against real redis-servers:
-pipelining and reply order, error replies, NOSCRIPT, AUTH and SELECT from the URL, a killed,
-hung or restarted server, callers that give up, and the store falling back to redis-py.
+"""The lean RESP client behind the Redis store, against real redis-servers: pipelining and reply
+order, error replies, NOSCRIPT, AUTH and SELECT from the URL, a killed, hung or restarted server,
+callers that give up, a plain URL's store never importing redis-py, and the store falling back
+to redis-py for other URLs.
 """
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -134,7 +137,7 @@ async def test_auth_and_db_come_from_the_url(own_server: RedisProc) -> None:
             with pytest.raises(StoreError, match="WRONGPASS|NOAUTH"):
                 await client.call(pack(("SET", "k", "v")))
             client.close()
-        # The whole store on that URL: scripts on the lean connection, the rest on redis-py.
+        # The whole store on that URL, every command on the lean connection.
         store = RedisStore(f"redis://:s3cret@127.0.0.1:{port}/7", prefix="auth:")
         await store.start()
         try:
@@ -291,3 +294,73 @@ async def test_closing_fails_calls_in_flight_without_retrying_them(own_server: R
         await store.close()
     assert (await store.admit(admission())).admitted  # a closed store connects again on use
     await store.close()
+
+
+async def test_batches_get_replies_in_order_and_raise_their_first_error(resp: RespClient) -> None:
+    key = f"t:{uuid.uuid4().hex}"
+    assert await resp.call_many([pack(("SET", key, "1")), pack(("INCR", key)), pack(("GET", key))]) == [
+        b"OK", 2, b"2"]
+    assert await resp.call_many([]) == []
+    with pytest.raises(StoreError, match="not an integer"):
+        await resp.call_many([pack(("SET", key, "x")), pack(("INCR", key)), pack(("GET", key))])
+    assert await resp.call(pack(("GET", key))) == b"x"  # the batch ran whole, the connection lives
+
+
+async def test_a_batch_cut_off_is_retried_once_only_if_allowed(own_server: RedisProc) -> None:
+    client = client_for(own_server, timeout=3.0)
+    admin = Redis.from_url(own_server.url)
+    try:
+        await client.call(pack(("PING",)))
+        for retry in (True, False):
+            batch = asyncio.ensure_future(client.call_many(
+                [pack(("BLPOP", "q", 2)), pack(("ECHO", "after"))], retry=retry))
+            await asyncio.sleep(0.1)
+            assert await admin.client_kill_filter(_type="normal", skipme=True) == 1
+            if not retry:
+                with pytest.raises(ConnectionLost):
+                    await batch
+                break
+            await asyncio.sleep(0.1)  # the retry now waits on a new connection
+            await admin.rpush("q", "x")
+            assert await batch == [[b"q", b"x"], b"after"]
+    finally:
+        await admin.aclose()
+        client.close()
+
+
+_NO_REDIS_PY = """
+import asyncio, sys, time, uuid
+import proxy.app
+from proxy.quota.redis_store import RedisStore
+from proxy.quota.store import AggregateDelta, Admission, Limit, LimitName, StoredKey, Totals
+
+async def main(url):
+    store = RedisStore(url, prefix=f"np{uuid.uuid4().hex[:8]}:")
+    await store.start()
+    now, day = time.time(), time.strftime("%Y-%m-%d")
+    limit = Limit("user:al", LimitName.RPM, 10)
+    decision = await store.admit(Admission(uuid.uuid4().hex, "al", (limit,), 5, 5, now, day, day[:7]))
+    assert decision.reservation is not None
+    delta = AggregateDelta(uuid.uuid4().hex, "al", day, "al", None, "gpt-x", Totals(requests=1))
+    assert await store.settle_and_record(decision.reservation, delta, now)
+    assert [s.used for s in await store.usage((limit,), "al", now, day, day[:7])] == [1]
+    assert [r.totals.requests for r in await store.aggregates((day,), user="al")] == [1]
+    await store.put_key(StoredKey("k1", "d1", "al", None, None, False, now))
+    assert (await store.get_key("d1")).key_id == "k1"
+    assert [k.key_id for k in await store.list_keys()] == ["k1"]
+    assert (await store.revoke_key("k1")).key_id == "k1" and await store.get_key("d1") is None
+    await store.append_events([b'{"event_id": "e1"}'], 100)
+    assert await store.ping()
+    await store.close()
+    loaded = sorted(m for m in sys.modules if m == "redis" or m.startswith("redis."))
+    assert not loaded, loaded
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+def test_a_plain_url_store_never_imports_redis_py(redis_server: RedisProc) -> None:
+    """redis-py costs ~5 MiB of resident memory: a plain URL's store does everything without it."""
+    done = subprocess.run([sys.executable, "-c", _NO_REDIS_PY, redis_server.url],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr

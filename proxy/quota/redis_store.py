@@ -1,5 +1,9 @@
 """The quota store shared by many proxy replicas: one Redis or Redis Cluster, one Lua script call
 per admit and per settle, every redis error re-raised as `StoreError`.
+
+A plain `redis://` or `unix://` URL to one server is served entirely by the lean RESP connection
+(`resp`); redis-py (about 5 MiB of resident memory) is imported only for Redis Cluster, TLS and
+URLs with options.
 """
 from __future__ import annotations
 
@@ -10,14 +14,8 @@ import math
 from collections.abc import Awaitable, Sequence
 from datetime import UTC, tzinfo
 from importlib import resources
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
-
-from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff, NoBackoff
-from redis.exceptions import NoScriptError, RedisError
 
 from proxy.errors import StoreError
 from proxy.quota.memory import (
@@ -46,7 +44,7 @@ from proxy.quota.memory import (
     settle_delta,
     window_view,
 )
-from proxy.quota.resp import NoScript, RespClient, endpoint_from_url, pack
+from proxy.quota.resp import Arg, Endpoint, NoScript, RespClient, endpoint_from_url, pack
 from proxy.quota.store import (
     Admission,
     AggregateDelta,
@@ -57,6 +55,12 @@ from proxy.quota.store import (
     Reservation,
     StoredKey,
 )
+
+if TYPE_CHECKING:  # redis-py is imported at run time only when a URL needs it
+    from redis.asyncio import Redis
+    from redis.asyncio.cluster import RedisCluster
+
+Command = tuple[Arg, ...]
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -100,9 +104,9 @@ class RedisStore:
     admission's hash tag `{tag}`, so one script's keys share a cluster slot. The scripts run on
     the proxy's clock (`now` in each call), not Redis's. Socket timeouts are short so a dead Redis
     fails a request in well under a second or two instead of hanging it. If Redis is down at
-    `start`, it raises `StoreError`; later calls try to connect again. The script calls (the
-    per-request hot path) go over one lean pipelined connection of their own (`resp`) when the URL
-    is a plain one to a single server; everything else, and Redis Cluster, uses redis-py.
+    `start`, it raises `StoreError`; later calls try to connect again. A plain URL to a single
+    server takes one lean pipelined connection (`resp`) for every command; Redis Cluster, TLS and
+    URLs with options use redis-py.
     """
 
     def __init__(self, url: str, cluster: bool | None = None, prefix: str = "mp:", *,
@@ -114,33 +118,31 @@ class RedisStore:
         self._prefix = prefix
         self._timeout = timeout_seconds
         self._tz = tz
-        self._client: Redis | RedisCluster | None = None
-        self._resp: RespClient | None = None  # the script calls' own connection (plain Redis only)
+        self._resp: RespClient | None = None  # plain Redis: the one connection for everything
+        self._py: _PyClient | None = None  # otherwise redis-py
         self._connecting = asyncio.Lock()  # a burst before the first connect opens one client
         self._admit = _Script("admit.lua")
         self._record = _Script("record.lua")
-        self._batch = _Batcher(self)
         self._indexed: set[tuple[str, str]] = set()  # (day, member) this process put in a day index
 
     async def start(self) -> None:
         await self._connect()
 
     async def close(self) -> None:
-        client, self._client = self._client, None
         resp, self._resp = self._resp, None
+        py, self._py = self._py, None
         if resp is not None:
             resp.close()
-        if client is not None:
-            try:
-                await client.aclose()
-            except (RedisError, OSError) as exc:
-                raise StoreError(f"closing redis: {exc}") from exc
+        if py is not None:
+            await py.close()
 
     async def ping(self) -> bool:
         try:
-            client = await self._connect()
-            return bool(await _awaited(client.ping()))
-        except (StoreError, RedisError, OSError):
+            conn = await self._connect()
+            if isinstance(conn, RespClient):
+                return bool(await conn.call(pack(("PING",))) == b"PONG")
+            return await conn.ping()
+        except StoreError:
             return False
 
     async def admit(self, admission: Admission) -> Decision:
@@ -239,14 +241,7 @@ class RedisStore:
         if not force and (usage.day, member) in self._indexed:
             return False
         key = self._key(index_key(usage.day))
-        client = await self._connect()
-        try:
-            pipe = client.pipeline(transaction=False)
-            pipe.sadd(key, member)
-            pipe.expire(key, AGG_TTL_SECONDS)
-            await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise StoreError(f"redis index write failed: {exc}") from exc
+        await self._commands([("SADD", key, member), ("EXPIRE", key, AGG_TTL_SECONDS)], "index write")
         if len(self._indexed) >= 100_000:
             self._indexed.clear()
         self._indexed.add((usage.day, member))
@@ -254,96 +249,53 @@ class RedisStore:
 
     async def aggregates(self, days: tuple[str, ...], user: str | None = None,
                          team: str | None = None) -> tuple[AggregateRow, ...]:
-        client = await self._connect()
+        what = "aggregates read"
+        indexes = await self._commands([("SMEMBERS", self._key(index_key(day))) for day in days], what)
         cells: list[tuple[str, str, str | None, str]] = []
-        try:
-            pipe = client.pipeline(transaction=False)
-            for day in days:
-                pipe.smembers(self._key(index_key(day)))
-            for day, members in zip(days, await pipe.execute() if days else [], strict=True):
-                for member in sorted(members):
-                    tag, u, t = parse_index_member(member)
-                    if (user is None or u == user) and (team is None or t == team):
-                        cells.append((day, u, t, self._key(aggregate_key(tag, day, u, t))))
-            pipe = client.pipeline(transaction=False)
-            for cell in cells:
-                pipe.hgetall(cell[3])
-            hashes = await pipe.execute() if cells else []
-        except (RedisError, OSError) as exc:
-            raise StoreError(f"redis aggregates read failed: {exc}") from exc
+        for day, members in zip(days, indexes, strict=True):
+            for member in sorted(members):
+                tag, u, t = parse_index_member(member)
+                if (user is None or u == user) and (team is None or t == team):
+                    cells.append((day, u, t, self._key(aggregate_key(tag, day, u, t))))
+        hashes = await self._commands([("HGETALL", cell[3]) for cell in cells], what)
         rows: list[AggregateRow] = []
         for (day, u, t, _), fields in zip(cells, hashes, strict=True):
-            rows += aggregate_rows(day, u, t, {_text(k): int(v) for k, v in fields.items()})
+            rows += aggregate_rows(day, u, t, {_text(k): int(v) for k, v in _hash(fields).items()})
         return tuple(rows)
 
     async def put_key(self, key: StoredKey) -> None:
         record = json.dumps({"key_id": key.key_id, "digest": key.digest, "user": key.user,
                              "team": key.team, "plan": key.plan, "trusted": key.trusted,
                              "created": key.created})
-        client = await self._connect()
-        try:
-            pipe = client.pipeline(transaction=False)
-            pipe.hset(self._key(_KEYS_BY_ID), key.key_id, key.digest)
-            pipe.hset(self._key(_KEYS_BY_DIGEST), key.digest, record)
-            await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise StoreError(f"redis key write failed: {exc}") from exc
+        await self._commands([("HSET", self._key(_KEYS_BY_ID), key.key_id, key.digest),
+                              ("HSET", self._key(_KEYS_BY_DIGEST), key.digest, record)], "key write")
 
     async def get_key(self, digest: str) -> StoredKey | None:
-        client = await self._connect()
-        try:
-            raw = await _awaited(client.hget(self._key(_KEYS_BY_DIGEST), digest))
-        except (RedisError, OSError) as exc:
-            raise StoreError(f"redis key read failed: {exc}") from exc
+        [raw] = await self._commands([("HGET", self._key(_KEYS_BY_DIGEST), digest)], "key read")
         return None if raw is None else _stored_key(raw)
 
     async def list_keys(self) -> tuple[StoredKey, ...]:
-        client = await self._connect()
-        try:
-            raw = await _awaited(client.hgetall(self._key(_KEYS_BY_DIGEST)))
-        except (RedisError, OSError) as exc:
-            raise StoreError(f"redis key read failed: {exc}") from exc
-        return tuple(sorted((_stored_key(v) for v in raw.values()), key=lambda k: k.created))
+        [raw] = await self._commands([("HGETALL", self._key(_KEYS_BY_DIGEST))], "key read")
+        return tuple(sorted((_stored_key(v) for v in _hash(raw).values()), key=lambda k: k.created))
 
     async def revoke_key(self, key_id: str) -> StoredKey | None:
-        client = await self._connect()
-        try:
-            digest = await _awaited(client.hget(self._key(_KEYS_BY_ID), key_id))
-            if digest is None:
-                return None
-            raw = await _awaited(client.hget(self._key(_KEYS_BY_DIGEST), digest))
-            pipe = client.pipeline(transaction=False)
-            pipe.hdel(self._key(_KEYS_BY_DIGEST), digest)  # first: lookups go by digest
-            pipe.hdel(self._key(_KEYS_BY_ID), key_id)
-            await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise StoreError(f"redis key revoke failed: {exc}") from exc
+        what = "key revoke"
+        [digest] = await self._commands([("HGET", self._key(_KEYS_BY_ID), key_id)], what)
+        if digest is None:
+            return None
+        [raw] = await self._commands([("HGET", self._key(_KEYS_BY_DIGEST), digest)], what)
+        await self._commands([("HDEL", self._key(_KEYS_BY_DIGEST), digest),  # first: lookups go by digest
+                              ("HDEL", self._key(_KEYS_BY_ID), key_id)], what)
         return None if raw is None else _stored_key(raw)
 
     async def append_events(self, events: Sequence[bytes], maxlen: int) -> None:
         """The ledger's Redis stream sink: XADD each event, the stream capped near `maxlen`
         (MAXLEN ~). At least once: a batch retried after a partial failure may repeat events,
-        which carry their event_id for consumers to drop duplicates."""
-        client = await self._connect()
+        which carry their event_id for consumers to drop duplicates. The batch goes out in one
+        write, and is not retried here: the ledger retries a failed batch whole."""
         stream = self._key(LEDGER_STREAM)
-        resp = self._resp
-        if resp is not None:  # the lean connection: the batch goes out in one write, replies in order
-            head = ("XADD", stream, "MAXLEN", "~", maxlen, "*", "event")
-            conn = await resp.connection()
-            # Futures, not tasks; no per-call retry: a failed batch is retried whole by the ledger.
-            replies = await asyncio.gather(*[conn.send(pack((*head, event))) for event in events],
-                                           return_exceptions=True)
-            failed = next((r for r in replies if isinstance(r, BaseException)), None)
-            if failed is not None:
-                raise StoreError(f"redis stream write failed: {failed}") from failed
-            return
-        try:
-            pipe = client.pipeline(transaction=False)
-            for event in events:
-                pipe.xadd(stream, {"event": event}, maxlen=maxlen, approximate=True)
-            await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise StoreError(f"redis stream write failed: {exc}") from exc
+        await self._commands([("XADD", stream, "MAXLEN", "~", maxlen, "*", "event", event)
+                              for event in events], "stream write", retry=False)
 
     def stream_key(self) -> str:
         return self._key(LEDGER_STREAM)
@@ -353,81 +305,90 @@ class RedisStore:
 
     async def _read(self, plan_: Plan, now: float) -> tuple[CounterView, ...]:
         """Read-only, so a plain pipeline (one trip per node) serves the admin API."""
-        client = await self._connect()
-        try:
-            pipe = client.pipeline(transaction=False)
-            for counter in plan_.counters:
-                key = self._key(counter.key)
-                if counter.kind is CounterKind.WINDOW:
-                    pipe.hgetall(key)
-                elif counter.kind is CounterKind.PERIOD:
-                    pipe.get(key)
-                else:
-                    pipe.zcount(key, f"({_fmt(now)}", "+inf")
-            replies = await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise StoreError(f"redis usage read failed: {exc}") from exc
+        commands: list[Command] = []
+        for counter in plan_.counters:
+            key = self._key(counter.key)
+            if counter.kind is CounterKind.WINDOW:
+                commands.append(("HGETALL", key))
+            elif counter.kind is CounterKind.PERIOD:
+                commands.append(("GET", key))
+            else:
+                commands.append(("ZCOUNT", key, f"({_fmt(now)}", "+inf"))
+        replies = await self._commands(commands, "usage read")
         return tuple(_view(c, r, now) for c, r in zip(plan_.counters, replies, strict=True))
+
+    async def _commands(self, commands: list[Command], what: str, *, retry: bool = True) -> list[Any]:
+        """Commands sent together (one pipeline), their replies in order; any failure is a
+        `StoreError` naming `what`. `retry`: once more if the connection closed under them (the
+        lean connection; redis-py has its own retry policy)."""
+        conn = self._resp or await self._connect()
+        if not commands:
+            return []
+        try:
+            if isinstance(conn, RespClient):
+                return await conn.call_many([pack(c) for c in commands], retry=retry)
+            return await conn.run(commands)
+        except StoreError as exc:
+            raise StoreError(f"redis {what} failed: {exc}") from exc
 
     async def _run(self, script: _Script, keys: list[str], args: list[str | int]) -> Any:
         resp = self._resp
         if resp is None:
-            client = await self._connect()
-            resp = self._resp
-            if resp is None:  # Redis Cluster, TLS or an unusual URL: redis-py
-                if isinstance(client, Redis):
-                    # Script calls made in the same event-loop turn share one pipelined round trip.
-                    return await self._batch.call(client, script, keys, args)
-                return await self._run_one(client, script, keys, args)
+            conn = await self._connect()
+            if not isinstance(conn, RespClient):  # Redis Cluster, TLS or an unusual URL
+                return await conn.script(script, keys, args)
+            resp = conn
         try:
             return await resp.call(pack(("EVALSHA", script.sha, len(keys), *keys, *args)))
         except NoScript:
             # Redis restarted or failed over and lost its script cache: EVAL reloads it.
             return await resp.call(pack(("EVAL", script.source, len(keys), *keys, *args)))
 
-    async def _run_one(self, client: Redis | RedisCluster, script: _Script, keys: list[str],
-                       args: list[str | int]) -> Any:
-        try:
-            try:
-                return await _awaited(client.evalsha(script.sha, len(keys), *keys, *args))
-            except NoScriptError:
-                # Redis restarted or failed over and lost its script cache: EVAL reloads it.
-                return await _awaited(client.eval(script.source, len(keys), *keys, *args))
-        except (RedisError, OSError) as exc:
-            raise StoreError(f"redis script failed: {exc}") from exc
-
-    async def _connect(self) -> Redis | RedisCluster:
-        if self._client is not None:
-            return self._client
+    async def _connect(self) -> RespClient | _PyClient:
+        conn = self._resp or self._py
+        if conn is not None:
+            return conn
         async with self._connecting:
-            if self._client is None:
-                client = await self._open()
-                try:
-                    self._resp = await self._open_resp(client)
-                except BaseException:
-                    await client.aclose()
-                    raise
-                self._client = client
-            return self._client
+            conn = self._resp or self._py
+            if conn is None:
+                endpoint = None if self._cluster else endpoint_from_url(self._url)
+                self._resp = await self._open_resp(endpoint) if endpoint is not None else None
+                if self._resp is None:  # not a plain URL, or the server is a cluster node
+                    self._py = await self._open_py()
+                conn = self._resp or self._py
+            assert conn is not None
+            return conn
 
-    async def _open_resp(self, client: Redis | RedisCluster) -> RespClient | None:
-        """Script calls, the hot path, get a lean pipelined connection of their own when the URL
-        is a plain `redis://` or `unix://` one to a single server; the rest stays on redis-py."""
-        endpoint = endpoint_from_url(self._url) if isinstance(client, Redis) else None
-        if endpoint is None:
-            return None
+    async def _open_resp(self, endpoint: Endpoint) -> RespClient | None:
+        """The lean connection, scripts loaded; None if the server turns out to be in cluster
+        mode (asked only when neither the caller nor the URL said)."""
         resp = RespClient(endpoint, self._timeout)
-        await resp.connection()  # fail `start` now, as redis-py's script load would
+        try:
+            if self._cluster is None:
+                self._cluster = _cluster_enabled(await resp.call(pack(("INFO", "cluster"))))
+                if self._cluster:
+                    resp.close()
+                    return None
+            await resp.call_many([pack(("SCRIPT", "LOAD", s.source)) for s in (self._admit, self._record)])
+        except BaseException:  # StoreError for a failed connect, AUTH, SELECT or reply
+            resp.close()
+            raise
         return resp
 
-    async def _open(self) -> Redis | RedisCluster:
+    async def _open_py(self) -> _PyClient:
+        from redis.asyncio import Redis
+        from redis.asyncio.cluster import RedisCluster
+        from redis.asyncio.retry import Retry
+        from redis.backoff import ExponentialBackoff, NoBackoff
+        from redis.exceptions import RedisError
+
         options: dict[str, Any] = {
             "socket_connect_timeout": self._timeout,
             "socket_timeout": self._timeout,
         }
         try:
             if self._cluster is None:
-                self._cluster = await self._detect_cluster(options)
+                self._cluster = await _detect_cluster(self._url, options)
             client: Redis | RedisCluster
             if self._cluster:
                 client = RedisCluster.from_url(
@@ -445,15 +406,81 @@ class RedisStore:
                 raise
         except (RedisError, OSError) as exc:
             raise StoreError(f"cannot connect to redis: {exc}") from exc
-        return client
+        return _PyClient(client)
 
-    async def _detect_cluster(self, options: dict[str, Any]) -> bool:
-        probe = Redis.from_url(self._url, retry=Retry(NoBackoff(), 0), **options)
+
+async def _detect_cluster(url: str, options: dict[str, Any]) -> bool:
+    from redis.asyncio import Redis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    probe = Redis.from_url(url, retry=Retry(NoBackoff(), 0), **options)
+    try:
+        info = await probe.info("cluster")
+    finally:
+        await probe.aclose()
+    return bool(int(info.get("cluster_enabled", 0)))
+
+
+def _cluster_enabled(info: bytes) -> bool:
+    """`cluster_enabled:N` from an `INFO cluster` reply."""
+    for line in info.decode("utf-8", "replace").splitlines():
+        name, _, value = line.partition(":")
+        if name == "cluster_enabled":
+            return bool(int(value))
+    return False
+
+
+class _PyClient:
+    """redis-py, for what the lean connection does not speak: Redis Cluster, TLS, URLs with
+    options. Its errors come out as `StoreError`."""
+
+    def __init__(self, client: Redis | RedisCluster) -> None:
+        from redis.asyncio import Redis
+        from redis.exceptions import NoScriptError, RedisError
+
+        self.client = client
+        self.errors: tuple[type[Exception], ...] = (RedisError, OSError)
+        self.no_script: type[Exception] = NoScriptError
+        # Plain Redis: script calls made in the same event-loop turn share one pipelined round trip.
+        self._batch = _Batcher(self, client) if isinstance(client, Redis) else None
+
+    async def run(self, commands: Sequence[Command]) -> list[Any]:
         try:
-            info = await probe.info("cluster")
-        finally:
-            await probe.aclose()
-        return bool(int(info.get("cluster_enabled", 0)))
+            pipe = self.client.pipeline(transaction=False)
+            for command in commands:
+                pipe.execute_command(*command)
+            return cast(list[Any], await pipe.execute())
+        except self.errors as exc:
+            raise StoreError(str(exc)) from exc
+
+    async def script(self, script: _Script, keys: list[str], args: list[str | int]) -> Any:
+        if self._batch is not None:
+            return await self._batch.call(script, keys, args)
+        return await self.script_one(script, keys, args)
+
+    async def script_one(self, script: _Script, keys: list[str], args: list[str | int]) -> Any:
+        client = self.client
+        try:
+            try:
+                return await _awaited(client.evalsha(script.sha, len(keys), *keys, *args))
+            except self.no_script:
+                # Redis restarted or failed over and lost its script cache: EVAL reloads it.
+                return await _awaited(client.eval(script.source, len(keys), *keys, *args))
+        except self.errors as exc:
+            raise StoreError(f"redis script failed: {exc}") from exc
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await _awaited(self.client.ping()))
+        except self.errors as exc:
+            raise StoreError(str(exc)) from exc
+
+    async def close(self) -> None:
+        try:
+            await self.client.aclose()
+        except self.errors as exc:
+            raise StoreError(f"closing redis: {exc}") from exc
 
 
 LEDGER_STREAM = "ledger"
@@ -477,51 +504,48 @@ class _Batcher:
     pipeline (one write, one read) instead of one round trip each, which under load cuts redis-py's
     per-call CPU. Each call still gets its own reply or error; a lone call goes out alone."""
 
-    def __init__(self, store: RedisStore) -> None:
-        self._store = store
+    def __init__(self, owner: _PyClient, client: Redis) -> None:
+        self._owner = owner
+        self._client = client
         self._pending: list[tuple[_Script, list[str], list[str | int], asyncio.Future[Any]]] = []
-        self._client: Redis | None = None
 
-    def call(self, client: Redis, script: _Script, keys: list[str], args: list[str | int]) -> asyncio.Future[Any]:
+    def call(self, script: _Script, keys: list[str], args: list[str | int]) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
         if not self._pending:
             loop.call_soon(self._flush)
-        self._client = client
         self._pending.append((script, keys, args, fut))
         return fut
 
     def _flush(self) -> None:
         batch, self._pending = self._pending, []
-        client = self._client
-        assert client is not None
-        task = asyncio.get_running_loop().create_task(self._send(client, batch))
+        task = asyncio.get_running_loop().create_task(self._send(batch))
         task.add_done_callback(_ignore)
 
-    async def _send(self, client: Redis,
-                    batch: list[tuple[_Script, list[str], list[str | int], asyncio.Future[Any]]]) -> None:
+    async def _send(self, batch: list[tuple[_Script, list[str], list[str | int], asyncio.Future[Any]]]) -> None:
+        owner = self._owner
         if len(batch) == 1:
             script, keys, args, fut = batch[0]
             try:
-                result = await self._store._run_one(client, script, keys, args)
+                result = await owner.script_one(script, keys, args)
             except StoreError as exc:
                 _settle_future(fut, exc=exc)
             else:
                 _settle_future(fut, result)
             return
         try:
-            pipe = client.pipeline(transaction=False)
+            pipe = self._client.pipeline(transaction=False)
             for script, keys, args, _ in batch:
                 pipe.evalsha(script.sha, len(keys), *keys, *args)
             results = await pipe.execute(raise_on_error=False)
-        except (RedisError, OSError) as exc:
+        except owner.errors as exc:
             for *_, fut in batch:
                 _settle_future(fut, exc=StoreError(f"redis script failed: {exc}"))
             return
         for (script, keys, args, fut), result in zip(batch, results, strict=True):
-            if isinstance(result, NoScriptError):  # the script cache was lost: this one alone, by EVAL
+            if isinstance(result, owner.no_script):  # the script cache was lost: this one alone, by EVAL
                 try:
-                    result = await self._store._run_one(client, script, keys, args)
+                    result = await owner.script_one(script, keys, args)
                 except StoreError as exc:
                     _settle_future(fut, exc=exc)
                     continue
@@ -550,8 +574,17 @@ def _awaited(reply: Awaitable[Any] | Any) -> Awaitable[Any]:
     return cast(Awaitable[Any], reply)
 
 
+def _hash(reply: Any) -> dict[Any, Any]:
+    """A hash reply as a dict: redis-py makes one, the lean connection gives the flat
+    field, value, ... list of RESP2."""
+    if isinstance(reply, dict):
+        return reply
+    pairs = iter(reply or ())
+    return dict(zip(pairs, pairs, strict=True))
+
+
 def _view(counter: Counter, reply: Any, now: float) -> CounterView:
     if counter.kind is CounterKind.WINDOW:
-        buckets = {int(s): int(v) for s, v in (reply or {}).items()}
+        buckets = {int(s): int(v) for s, v in _hash(reply).items()}
         return window_view(buckets, now)
     return CounterView(int(reply or 0))

@@ -1,6 +1,6 @@
-"""A lean pipelined RESP2 client for the store's hot script calls: commands packed by hiredis,
-written together once per loop turn, replies parsed by `hiredis.Reader` and matched in order to
-waiting futures.
+"""A lean pipelined RESP2 client for the Redis store (its hot script calls above all): commands
+packed by hiredis, written together once per loop turn, replies parsed by `hiredis.Reader` and
+matched in order to waiting futures.
 
 redis-py spends 60–100 µs of Python per call (encoding, pool, timeouts, a task per pipeline);
 this spends a few. Many calls share one connection in flight, so nothing waits for a free one.
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -225,6 +226,27 @@ class RespClient:
         except ConnectionLost:  # Redis closed it (restart, idle kill): once more, on a new one
             conn = await self.connection()
             return await conn.send(payload)
+
+    async def call_many(self, payloads: Sequence[bytes], *, retry: bool = True) -> list[Any]:
+        """Several commands in one write, their replies in order; `retry`: the whole batch once
+        more if its connection closed under it (only for commands that are safe to repeat)."""
+        try:
+            return await self._send_all(payloads)
+        except ConnectionLost:
+            if not retry:
+                raise
+            return await self._send_all(payloads)
+
+    async def _send_all(self, payloads: Sequence[bytes]) -> list[Any]:
+        """Every reply is waited for before the first error is raised: none is left unretrieved."""
+        conn = self._conn
+        if conn is None or conn.closed:
+            conn = await self.connection()
+        replies = await asyncio.gather(*[conn.send(p) for p in payloads], return_exceptions=True)
+        failed = next((r for r in replies if isinstance(r, BaseException)), None)
+        if failed is not None:
+            raise failed
+        return replies
 
     async def connection(self) -> RespConnection:
         conn = self._conn
