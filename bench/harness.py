@@ -121,6 +121,7 @@ class Procs:
 
     workdir: Path
     started: list[Proc] = field(default_factory=list)
+    proxy_env: dict[str, str] = field(default_factory=dict)  # extra environment for meterproxy (LD_PRELOAD)
 
     def spawn(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None) -> Proc:
         log_path = self.workdir / f"{name}.log"
@@ -227,6 +228,21 @@ def meterproxy_config(workdir: Path, name: str, upstream_port: int, store: str, 
     return path
 
 
+JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2", "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2",
+                  "/usr/local/lib/libjemalloc.so.2", "/usr/lib/libjemalloc.so.2")
+
+
+def malloc_env(kind: str) -> dict[str, str]:
+    """Environment that makes meterproxy use `kind` of allocator: the C library's, or jemalloc
+    (what the Docker image ships) preloaded."""
+    if kind == "system":
+        return {}
+    for path in JEMALLOC_PATHS:
+        if os.path.exists(path):
+            return {"LD_PRELOAD": path}
+    raise StartError("--malloc jemalloc: libjemalloc.so.2 not found (Debian: apt-get install -y libjemalloc2)")
+
+
 def meterproxy_bin() -> str:
     return os.environ.get("METERPROXY_BIN") or str(Path(sys.executable).parent / "meterproxy")
 
@@ -237,7 +253,8 @@ def start_meterproxy(procs: Procs, pin: Pinning, name: str, port: int, config: P
             "--port", str(port)]
     if workers > 1:
         argv += ["--workers", str(workers)]
-    env = {"TIKTOKEN_CACHE_DIR": os.environ.get("TIKTOKEN_CACHE_DIR", "/work/shared/tiktoken-cache")}
+    env = {"TIKTOKEN_CACHE_DIR": os.environ.get("TIKTOKEN_CACHE_DIR", "/work/shared/tiktoken-cache"),
+           **procs.proxy_env}
     proc = procs.spawn(name, pin.wrap(pin.proxy, argv), env=env)
     wait_http(proc, port, "GET", "/healthz", None, {}, timeout)
     wait_http(proc, port, "POST", "/openai/v1/chat/completions", CHAT_BODY,

@@ -93,6 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--upstream-latency-ms", type=float, default=0.0)
     p.add_argument("--chunk-interval-ms", type=float, default=0.0)
     p.add_argument("--stream-tokens", type=int, default=10)
+    p.add_argument("--malloc", choices=("system", "jemalloc"), default="system",
+                   help="meterproxy's allocator: the C library's (a pip install), or jemalloc preloaded, "
+                        "as the Docker image ships it (needs libjemalloc2)")
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
     p.add_argument("--strict", action="store_true", help="exit 1 when a goal from issue 8 is missed")
     p.add_argument("--json", type=Path, help="also write raw samples and the summary here")
@@ -446,13 +449,15 @@ def main(argv: list[str] | None = None) -> int:
     procs = h.Procs(workdir)
     started = time.monotonic()
     try:
+        procs.proxy_env.update(h.malloc_env(args.malloc))
         fake_port = h.free_port()
         h.start_fake(procs, pin, fake_port, ["--latency-ms", str(args.upstream_latency_ms),
                                              "--chunk-interval-ms", str(args.chunk_interval_ms),
                                              "--stream-tokens", str(args.stream_tokens)])
         targets, problems = start_targets(args, names, procs, pin, fake_port, body)
         print(f"# pinning: load side on cores {pin.load or 'any'}, proxy on {pin.proxy or 'any'}; "
-              f"{args.rounds} round(s) × {args.duration} s per phase; workdir {workdir}", file=sys.stderr)
+              f"{args.rounds} round(s) × {args.duration} s per phase; malloc {args.malloc}; workdir {workdir}",
+              file=sys.stderr)
         run_rounds(targets, plan, stream_body, started)
         code = report(args, targets, plan, problems)
         print(f"# total {time.monotonic() - started:.1f} s", file=sys.stderr)
