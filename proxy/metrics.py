@@ -3,9 +3,9 @@
 User and team label values are capped (beyond the cap: `other`); keys are never labels. Label
 children are cached per (provider, model, user, team) so the hot path does no label lookups.
 
-Per-request observations are added to plain numbers on the hot path (prometheus-client takes a
-lock per update and walks histogram buckets in Python) and folded into the Prometheus children by
-`flush()`: at every collection of the registry (a scrape) and, for multi-process workers whose
+Per-request observations (and the in-flight level) are added to plain numbers on the hot path
+(prometheus-client takes a lock per update and walks histogram buckets in Python) and folded into
+the Prometheus children by `flush()`: at every collection of the registry (a scrape) and, for multi-process workers whose
 values another process reads, every FLUSH_SECONDS.
 """
 from __future__ import annotations
@@ -169,13 +169,18 @@ class Metrics:
         self._sources = tuple(self.count_source.labels(s) for s in SOURCES)
         self._source_index = {s: i for i, s in enumerate(SOURCES)}
         self._inflight: dict[str, Gauge] = {}
+        self._n_inflight: dict[str, int] = {}  # provider -> started minus finished, not folded in yet
 
     def inflight_for(self, provider: str) -> Gauge:
-        """The in-flight gauge child of a provider (updated at once: it is a level, not a count)."""
+        """The in-flight gauge child of a provider."""
         g = self._inflight.get(provider)
         if g is None:
             g = self._inflight[provider] = self.inflight.labels(provider)
         return g
+
+    def inflight_add(self, provider: str, n: int) -> None:
+        """A request to `provider` started (1) or finished (-1); the gauge sees it at the next flush."""
+        self._n_inflight[provider] = self._n_inflight.get(provider, 0) + n
 
     def user_team(self, user: str, team: str | None) -> tuple[str, str]:
         return self.users(user), self.teams(team) if team else NO_TEAM
@@ -250,6 +255,12 @@ class Metrics:
             if count:
                 self._sources[i].inc(count)
                 self._n_sources[i] = 0
+        pending = self._n_inflight
+        for provider, n in pending.items():  # every provider seen keeps its child, at 0 too
+            gauge = self.inflight_for(provider)
+            if n:
+                gauge.inc(n)
+                pending[provider] = 0
         unpriced, self._n_unpriced = self._n_unpriced, {}
         for model, count in unpriced.items():
             self.unpriced.labels(model).inc(count)

@@ -23,7 +23,7 @@ from .records import Relayed, Subject, UsageRecord
 from .relay import relay_body, relay_stream
 from .resilience import Attempt, AttemptsFailed, forward
 from .route import Target
-from .services import REQUEST_IDS, SERVICES, TRACKER, Services
+from .services import REQUEST_IDS, SERVICES, TRACKER, Services, Tracker
 from .settle import actual_usage
 
 log = logging.getLogger("meterproxy.pipeline")
@@ -67,12 +67,13 @@ async def handle(request: web.Request) -> web.StreamResponse:
         return _error_response(svc, request, f, e)
     finally:
         if f.adapter is not None:
-            svc.metrics.inflight_for(f.adapter.name).dec()
+            svc.metrics.inflight_add(f.adapter.name, -1)
         if f.subject is not None:
             if f.call is None:  # refused after authentication (body, route): still one metered request
                 f.adapter = f.adapter or svc.guess_adapter(request)
                 f.call = f.adapter.call(request.method, "/", request.query, None)
-            request.app[TRACKER].spawn(_settle_and_record(svc, f, time.perf_counter()))
+            tracker = request.app[TRACKER]
+            tracker.soon(_settle_and_record, svc, f, time.perf_counter(), tracker)
 
 
 async def _run(request: web.Request, svc: Services, f: Flight) -> web.StreamResponse:
@@ -94,7 +95,7 @@ async def _run(request: web.Request, svc: Services, f: Flight) -> web.StreamResp
     if target is None:
         target = svc.router.by_model(request.path, body.get("model") if body else None)
     f.adapter = adapter = target.adapter
-    svc.metrics.inflight_for(adapter.name).inc()
+    svc.metrics.inflight_add(adapter.name, 1)
     f.call = call = adapter.call(request.method, target.path, request.query, body)
     # estimate
     f.est = est = estimate(adapter, call, body, svc.tokenizer, svc.prices, svc.today(),
@@ -102,7 +103,10 @@ async def _run(request: web.Request, svc: Services, f: Flight) -> web.StreamResp
     if not est.priced and call.model and svc.config.on_unpriced == "reject" and est.prompt_tokens:
         raise BadRequest(f"Model {est.model!r} has no price in meterproxy's price table (on_unpriced: reject).")
     # admit
-    f.ticket = ticket = await svc.gate.admit(f.subject, adapter, call, est, f.request_id)
+    ticket = svc.gate.admit_now(f.subject, adapter, est, f.request_id)
+    if ticket is None:
+        ticket = await svc.gate.admit(f.subject, adapter, call, est, f.request_id)
+    f.ticket = ticket
     f.headers.update(ticket.headers)
     # forward
     out = raw
@@ -205,7 +209,23 @@ def _error_response(svc: Services, request: web.Request, f: Flight, e: ProxyErro
     return web.Response(status=e.status, body=adapter.error_body(e), headers=headers)
 
 
-async def _settle_and_record(svc: Services, f: Flight, t_end: float) -> None:
+def _settle_and_record(svc: Services, f: Flight, t_end: float, tracker: Tracker) -> None:
+    """Right after the response: settle at once where nothing has to wait (the embedded store),
+    else in a tracked task."""
+    rec, overhead = _record_of(svc, f, t_end)
+    if svc.gate.settle_now(f.ticket, rec):
+        _recorded(svc, f, rec, overhead)
+    else:
+        tracker.spawn(_settle_later(svc, f, rec, overhead))
+
+
+async def _settle_later(svc: Services, f: Flight, rec: UsageRecord, overhead: float | None) -> None:
+    await svc.gate.settle(f.ticket, rec)  # one store round trip: reservation → actual, aggregates
+    _recorded(svc, f, rec, overhead)
+
+
+def _record_of(svc: Services, f: Flight, t_end: float) -> tuple[UsageRecord, float | None]:
+    """The request's usage record, and the time the proxy itself added (None: not forwarded)."""
     assert f.subject is not None and f.call is not None and f.adapter is not None
     call, est, got = f.call, f.est, f.relayed
     if est is None:  # refused before the estimate (bad body): nothing to bill
@@ -217,17 +237,33 @@ async def _settle_and_record(svc: Services, f: Flight, t_end: float) -> None:
     overhead = None
     if got is not None and f.t_forward:
         overhead = (f.t_forward - f.t0) + max(0.0, t_end - got.upstream_done)
-    rec = UsageRecord(
-        event_id=f.request_id, request_id=f.request_id, time=f.started, user=f.subject.user,
-        team=f.subject.team, plan=f.subject.plan, key_id=f.subject.key_id, provider=f.adapter.name,
-        model=est.model, api_kind=call.kind.value, tokens=usage.tokens, input_source=usage.input_source,
-        output_source=usage.output_source, cost_micro_usd=cost, priced=priced or not usage.tokens.total,
-        status=f.status, latency_seconds=t_end - f.t0, ttft_seconds=got.ttft_seconds if got else None,
-        streamed=bool(got and got.streamed), cut_short=bool(got and (got.cut_short or got.client_gone)),
-        error=f.error or (got.error if got else None), retries=f.retries,
+    sub = f.subject
+    rec = UsageRecord(  # positional, in field order: a third of the cost of keywords
+        f.request_id,  # event_id
+        f.request_id,  # request_id
+        f.started,  # time
+        sub.user, sub.team, sub.plan, sub.key_id,
+        f.adapter.name,  # provider
+        est.model,  # model
+        call.kind.value,  # api_kind
+        usage.tokens, usage.input_source, usage.output_source,
+        cost,  # cost_micro_usd
+        priced or not usage.tokens.total,  # priced
+        f.status,  # status
+        t_end - f.t0,  # latency_seconds
+        got.ttft_seconds if got else None,  # ttft_seconds
+        bool(got and got.streamed),  # streamed
+        bool(got and (got.cut_short or got.client_gone)),  # cut_short
+        f.retries,  # retries
+        f.error or (got.error if got else None),  # error
     )
-    await svc.gate.settle(f.ticket, rec)  # one store round trip: reservation → actual, aggregates
-    kind = _upstream_error_kind(f, got)
+    return rec, overhead
+
+
+def _recorded(svc: Services, f: Flight, rec: UsageRecord, overhead: float | None) -> None:
+    """After settle: metrics, the ledger, the log line."""
+    assert f.adapter is not None
+    kind = _upstream_error_kind(f, f.relayed)
     if kind is not None:
         svc.metrics.upstream_errors.labels(f.adapter.name, kind).inc()
     svc.metrics.observe(rec, overhead)

@@ -521,7 +521,7 @@ class _Connection(asyncio.Protocol):
             data = self._buf + data
             self._buf = b""
         out: list[bytes] = []
-        pos = 0
+        pos = _whole_chunks(data, out) if self._cstate == _C_SIZE else 0
         n = len(data)
         while pos < n and self._cstate != _C_END:
             state = self._cstate
@@ -580,6 +580,23 @@ class _Connection(asyncio.Protocol):
 
 
 _PLAIN_HEX = re.compile(rb"[0-9a-fA-F]{1,16}")  # a chunk-size line without extensions or spaces
+_WHOLE_CHUNK_HEAD = re.compile(rb"([0-9a-fA-F]{1,16})\r\n")  # the same, with its CRLF
+
+
+def _whole_chunks(data: bytes, out: list[bytes]) -> int:
+    """The usual read: whole chunks, each a plain size line, its data and CRLF, one match each.
+    Appends their data to `out`; returns where the rest (the last chunk, a chunk not all here, a
+    size line with extensions) starts, for the step-by-step decoding."""
+    pos = 0
+    match = _WHOLE_CHUNK_HEAD.match
+    while (m := match(data, pos)) is not None:
+        start = m.end()
+        end = start + int(m[1], 16)
+        if end == start or data[end: end + 2] != b"\r\n":
+            break
+        out.append(data[start:end])
+        pos = end + 2
+    return pos
 
 
 def _chunk_size(line: bytes) -> int:

@@ -17,7 +17,7 @@ from yarl import URL
 
 from ..config import ProviderConfig
 from ..errors import ProxyError
-from ..records import ApiKind, TokenCounts, Usage
+from ..records import ApiKind, CountSource, TokenCounts, Usage
 from .sse import MAX_EVENT_BYTES, SSEEvent, event_at, event_ends, events_of, whole_end
 
 # Where SDKs send keys: stripped from every upstream request (the adapter sets the real one).
@@ -298,5 +298,6 @@ def openai_usage(u: Mapping[str, Any] | None, model: str | None) -> Usage | None
     cached = as_int(pdet.get("cached_tokens")) or as_int(u.get("prompt_cache_hit_tokens"))  # DeepSeek
     cached = min(cached, prompt)
     reasoning = min(as_int(cdet.get("reasoning_tokens")), output)
-    tokens = TokenCounts(input=prompt - cached, cached_input=cached, output=output, reasoning=reasoning)
-    return Usage(tokens, model=model)
+    # positional (input, cached_input, cache_write, output, reasoning): keywords cost 3x as much
+    tokens = TokenCounts(prompt - cached, cached, 0, output, reasoning)
+    return Usage(tokens, CountSource.PROVIDER, CountSource.PROVIDER, model)

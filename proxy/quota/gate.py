@@ -10,6 +10,7 @@ import functools
 import logging
 import math
 import time
+from bisect import bisect_left, insort
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -103,28 +104,38 @@ class _Profile:
 
 
 class _History:
-    """Recent output sizes per (user, model), bounded in length and in number of pairs."""
+    """Recent output sizes per (user, model), bounded in length and in number of pairs.
+
+    Each run is kept twice: in arrival order (what leaves next) and sorted (so the percentile
+    every admission asks for is one index, not a sort)."""
 
     def __init__(self) -> None:
-        self._runs: OrderedDict[tuple[str, str], deque[int]] = OrderedDict()
+        self._runs: OrderedDict[tuple[str, str], tuple[deque[int], list[int]]] = OrderedDict()
 
     def add(self, user: str, model: str, output: int) -> None:
         key = (user, model)
-        run = self._runs.get(key)
-        if run is None:
-            run = self._runs[key] = deque(maxlen=_HISTORY_SIZE)
+        hit = self._runs.get(key)
+        if hit is None:
+            hit = self._runs[key] = (deque(maxlen=_HISTORY_SIZE), [])
             if len(self._runs) > _HISTORY_SUBJECTS:
                 self._runs.popitem(last=False)
         else:
             self._runs.move_to_end(key)
+        run, ordered = hit
+        if len(run) == _HISTORY_SIZE:
+            del ordered[bisect_left(ordered, run[0])]  # the oldest leaves both
         run.append(output)
+        insort(ordered, output)
 
     def percentile(self, user: str, model: str) -> int | None:
-        run = self._runs.get((user, model))
-        if run is None or len(run) < _HISTORY_MIN_SAMPLES:
+        hit = self._runs.get((user, model))
+        if hit is None:
             return None
-        ordered = sorted(run)
-        return ordered[min(len(ordered) - 1, math.ceil(_PERCENTILE * len(ordered)) - 1)]  # nearest rank
+        ordered = hit[1]
+        n = len(ordered)
+        if n < _HISTORY_MIN_SAMPLES:
+            return None
+        return ordered[min(n - 1, math.ceil(_PERCENTILE * n) - 1)]  # nearest rank
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +241,23 @@ class Gate:
                                                       out, watch, money)
         return prof
 
+    def admit_now(self, subject: Subject, adapter: Adapter, est: Estimate, request_id: str) -> Ticket | None:
+        """`admit` without a coroutine for the usual case: the embedded store, no provider slot,
+        admitted at once. None: anything else (a refusal too), for `admit`."""
+        store = self._embedded
+        if store is None or adapter.name in self._slots:
+            return None
+        prof = self._profile(subject)
+        if not prof.limits:
+            return self._ticket(subject, _UNLIMITED, False, None, prof, est, est.max_output_tokens, None)
+        out = self._sized_output(subject.user, est)
+        decision = store.admit_now(self._admission(request_id, prof.tag, prof.limits, est, out))
+        if not decision.admitted:
+            return None  # nothing was reserved: `admit` asks again and refuses, clamps or queues
+        if decision.shadow_denied:
+            self._count_shadow(subject, decision.shadow_denied, request_id)
+        return self._ticket(subject, decision, False, None, prof, est, out, None)
+
     async def admit(self, subject: Subject, adapter: Adapter, call: Call, est: Estimate, request_id: str) -> Ticket:
         """Admit or refuse (RateLimited/QuotaExhausted 429, StoreUnavailable 503), queueing first
         when the plan says `on_limit: queue`."""
@@ -249,7 +277,9 @@ class Gate:
                     raise RateLimited(f"Rate limit reached: the max_concurrent limit of {slot.limit} for provider "
                                       f"{adapter.name} is reached. Try again shortly.", headers={"retry-after": "1"})
                 held = True
-            room = self._state.room()  # taken before asking, so a settle during the ask still wakes us
+            # Taken before asking, so a settle during the ask still wakes us (the embedded store
+            # answers without suspending: nothing can settle meanwhile, so it is taken only to wait).
+            room = self._state.room() if self._embedded is None else None
             adm = self._admission(request_id, tag, limits, est, out)
             if self._embedded is not None:  # cannot fail or wait: no guard, no coroutine layers
                 decision, local = self._embedded.admit_now(adm), False
@@ -261,7 +291,8 @@ class Gate:
                         slot.release()
                     raise
             if decision.admitted:
-                self._count_shadow(subject, decision.shadow_denied, request_id)
+                if decision.shadow_denied:
+                    self._count_shadow(subject, decision.shadow_denied, request_id)
                 return self._ticket(subject, decision, local, slot if held else None, prof, est, out, clamp)
             fit = self._clamped(plan, decision, adm, est, out)
             if fit is not None:
@@ -277,6 +308,8 @@ class Gate:
                 self._count_shadow(subject, decision.shadow_denied, request_id)
                 self.metrics.rejected(subject.user, subject.team, denied.name.value)
                 raise refusal(denied, decision)
+            if room is None:
+                room = self._state.room()
             await asyncio.wait({room}, timeout=wait)  # a local settle, or when the window frees room
 
     def _admission(self, request_id: str, tag: str, limits: tuple[Limit, ...], est: Estimate,
@@ -378,7 +411,7 @@ class Gate:
                 self.metrics.budget_limit.labels(st.limit.scope, period).set(st.limit.value / 1_000_000)
 
     def _date(self, now: float) -> date:
-        return datetime.fromtimestamp(now, self.tz).date()
+        return _date_at(self.tz, int(now // 60))
 
     # ------------------------------------------------------------ store health, fail-open
     async def _guarded(self, op: str, call: Callable[[], Awaitable[T]]) -> T:
@@ -448,11 +481,7 @@ class Gate:
             return
         if ticket.settled:
             return
-        ticket.settled = True
-        st = self._state
-        if ticket.slot is not None:
-            ticket.slot.release()
-            ticket.slot = None
+        self._settling(ticket)
         try:
             if ticket.topup is not None:  # a top-up still on its way: settle what it reserved too
                 await asyncio.wait({ticket.topup})
@@ -463,12 +492,43 @@ class Gate:
             for ext, local in ticket.extensions:  # top-ups give back all they held: the main one got the actual
                 await self._give_back(ext, local)
         finally:
-            n = st.inflight.get(ticket.tag, 0) - 1
-            if n > 0:
-                st.inflight[ticket.tag] = n
-            else:
-                st.inflight.pop(ticket.tag, None)
-            st.wake()
+            self._settled(ticket)
+
+    def settle_now(self, ticket: Ticket | None, rec: UsageRecord) -> bool:
+        """`settle` without suspending where nothing in it can wait (the embedded store, no top-up
+        under way or held); False, having done nothing, otherwise: then `settle` it."""
+        store = self._embedded
+        if store is None:
+            return False
+        if ticket is None:
+            store.settle_and_record_now(None, self._usage(rec, None), time.time())
+            return True
+        if ticket.settled:
+            return True
+        if ticket.local or ticket.topup is not None or ticket.extensions:
+            return False
+        self._settling(ticket)
+        try:
+            self._learn(ticket, rec)
+            store.settle_and_record_now(ticket.reservation, self._usage(rec, ticket), time.time())
+        finally:
+            self._settled(ticket)
+        return True
+
+    def _settling(self, ticket: Ticket) -> None:
+        ticket.settled = True
+        if ticket.slot is not None:
+            ticket.slot.release()
+            ticket.slot = None
+
+    def _settled(self, ticket: Ticket) -> None:
+        st = self._state
+        n = st.inflight.get(ticket.tag, 0) - 1
+        if n > 0:
+            st.inflight[ticket.tag] = n
+        else:
+            st.inflight.pop(ticket.tag, None)
+        st.wake()
 
     def _usage(self, rec: UsageRecord, ticket: Ticket | None) -> AggregateDelta:
         res = ticket.reservation if ticket is not None else None
@@ -637,6 +697,12 @@ class Gate:
         if decision.reservation is not None:
             ticket.extensions.append((decision.reservation, local))
         return decision
+
+
+@functools.lru_cache(maxsize=256)
+def _date_at(tz: tzinfo, minute: int) -> date:
+    """The date in `tz` during one minute of unix time (every zone changes date on a whole minute)."""
+    return datetime.fromtimestamp(minute * 60, tz).date()
 
 
 def _amount(lim: Limit, adm: Admission) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from functools import lru_cache
 
 from ..auth import key_id_of, sha256_hex
 from ..config import Config, KeyConfig, Limits, PlanConfig
@@ -23,7 +24,11 @@ def go_duration(seconds: float) -> str:
     """OpenAI's reset format: `12ms`, `1s`, `6m0s`, `1h2m3s`."""
     if seconds < 1:
         return f"{max(0, int(seconds * 1000))}ms"
-    s = int(math.ceil(seconds))
+    return _whole_seconds(math.ceil(seconds))
+
+
+@lru_cache(maxsize=4096)  # a window's reset is about a minute on every admission: a few values recur
+def _whole_seconds(s: int) -> str:
     h, rem = divmod(s, 3600)
     m, sec = divmod(rem, 60)
     if h:

@@ -401,6 +401,11 @@ class _Window:
             b.pop(second, None)
 
 
+# `_admit_fast`'s layout of a shape: per counter (is a window, measure, key, ttl); per limit (the
+# limit, its counter's index, the end of its period or None for a window).
+_FastShape = tuple[tuple[tuple[bool, Measure, str, int], ...], tuple[tuple[Limit, int, float | None], ...]]
+
+
 class MemoryStore:
     """The quota store in this process's memory: exact, but shared by nobody else.
 
@@ -423,6 +428,7 @@ class MemoryStore:
         self._seen: dict[str, float] = {}
         self._seen_order: deque[str] = deque()
         self._keys: dict[str, StoredKey] = {}  # digest -> key created through the admin API
+        self._fast: dict[tuple[int, str, str, str, float], tuple[tuple[Limit, ...], _FastShape | None]] = {}
 
     async def start(self) -> None:
         return None
@@ -438,6 +444,102 @@ class MemoryStore:
 
     # The embedded store never suspends: callers that know it may skip the coroutine layers.
     def admit_now(self, admission: Admission) -> Decision:
+        decision = self._admit_fast(admission)
+        return decision if decision is not None else self._admit(admission)
+
+    def _fast_shape(self, admission: Admission) -> _FastShape | None:
+        """The admission's counters and limits laid out for `_admit_fast`; None when a limit
+        needs leases (concurrency), which the general path handles."""
+        limits = admission.limits
+        key = (id(limits), admission.tag, admission.day, admission.month, admission.lease_seconds)
+        hit = self._fast.get(key)
+        if hit is not None and hit[0] is limits:
+            return hit[1]
+        counters, slots = _shape(limits, admission.tag, admission.day, admission.month, admission.lease_seconds)
+        shape: _FastShape | None = None
+        if all(kind is not CounterKind.LEASES for kind, _, _, _ in counters):
+            periods = Periods.of(admission.day, admission.month, self._tz)
+            shape = (
+                tuple((kind is CounterKind.WINDOW, measure, key, ttl) for kind, measure, key, ttl in counters),
+                tuple((lim, slot, None if counters[slot][0] is CounterKind.WINDOW else periods.end(lim.name))
+                      for lim, slot in zip(limits, slots, strict=True)),
+            )
+        if len(self._fast) >= _SHAPES_MAX:
+            self._fast.clear()
+        self._fast[key] = (limits, shape)
+        return shape
+
+    def _admit_fast(self, admission: Admission) -> Decision | None:
+        """The common case without Counter, Plan or view objects: window and period counters only,
+        a new request id, every limit passing. None: anything else, for the general path (which
+        then sees the same counters: expiring them here first changes nothing it reads)."""
+        shape = self._fast_shape(admission)
+        if shape is None:
+            return None
+        now = admission.now
+        if now >= self._next_sweep:
+            self._sweep(now)
+        record = record_key(admission.tag, admission.request_id)
+        if record in self._records:  # a retried request id (or one whose record expired): general path
+            return None
+        counters, limits = shape
+        tokens, cost = admission.tokens, admission.cost_micro_usd
+        if tokens < 0 or cost < 0:
+            return None  # the general path raises
+        seen = self._fast_views(counters, tokens, cost, now)
+        second = math.floor(now)
+        states = []
+        for lim, slot, end in limits:
+            used, oldest, amount = seen[slot]
+            if used + amount > lim.value:
+                return None  # refused or shadow-refused: the general path says which and why
+            if amount > 0:
+                used += amount
+                oldest = second if oldest is None or second < oldest else oldest
+            # `reset_seconds` (max() spelled out: a builtin call each costs more than the rest)
+            reset = end - now if end is not None else (
+                0.0 if used <= 0 or oldest is None else oldest + WINDOW_SECONDS - now)
+            left = lim.value - used
+            states.append(LimitState(lim, used, left if left > 0 else 0, reset if reset > 0.0 else 0.0))
+        windows, periods, expires = self._windows, self._periods, self._expires
+        for (is_window, _, key, ttl), (_, _, amount) in zip(counters, seen, strict=True):
+            if amount == 0:
+                continue
+            if is_window:
+                window = windows.get(key)
+                if window is None:
+                    window = windows[key] = _Window()
+                window.add(second, amount)
+            else:
+                periods[key] = periods.get(key, 0) + amount
+            expires[key] = now + ttl
+        self._records[record] = now + max(RECORD_TTL_SECONDS, admission.lease_seconds * 2)
+        return Decision(True, reservation_of(admission), tuple(states), None, 0.0, ())
+
+    def _fast_views(self, counters: tuple[tuple[bool, Measure, str, int], ...], tokens: int, cost: int,
+                    now: float) -> list[tuple[int, int | None, int]]:
+        """Per counter: (used, oldest window bucket, what this admission adds), as `_view` sees it."""
+        expires, windows, periods = self._expires, self._windows, self._periods
+        low = math.floor(now) - WINDOW_SECONDS + 1
+        seen: list[tuple[int, int | None, int]] = []
+        for is_window, measure, key, _ in counters:
+            amount = tokens if measure is Measure.TOKENS else cost if measure is Measure.MONEY else 1
+            expiry = expires.get(key)
+            if expiry is not None and expiry <= now:
+                self._drop(key)
+                seen.append((0, None, amount))
+            elif is_window:
+                window = windows.get(key)
+                if window is None:
+                    seen.append((0, None, amount))
+                else:
+                    window.expire(low)
+                    seen.append((window.total, next(iter(window.buckets)) if window.buckets else None, amount))
+            else:
+                seen.append((periods.get(key, 0), None, amount))
+        return seen
+
+    def _admit(self, admission: Admission) -> Decision:
         periods = Periods.of(admission.day, admission.month, self._tz)
         now = admission.now
         self._sweep(now)
@@ -467,9 +569,13 @@ class MemoryStore:
         expiry = self._records.pop(key, None)
         if expiry is None or expiry <= now:
             return False
-        for counter in reservation_plan(reservation).counters:
-            delta = settle_delta(counter, reservation, tokens, cost_micro_usd)
-            self._adjust(counter, reservation, delta, now)
+        # The reservation's counters from their cached shape (no Counter objects): what
+        # `reservation_plan` and `settle_delta` give, requests never refunded.
+        shape, _ = _shape(reservation.limits, reservation.tag, reservation.day, reservation.month, 600.0)
+        for kind, measure, key, ttl in shape:
+            delta = (max(0, tokens) - reservation.tokens if measure is Measure.TOKENS
+                     else max(0, cost_micro_usd) - reservation.cost_micro_usd if measure is Measure.MONEY else 0)
+            self._adjust(kind, key, ttl, reservation, delta, now)
         return True
 
     async def usage(self, limits: tuple[Limit, ...], tag: str, now: float, day: str,
@@ -551,16 +657,16 @@ class MemoryStore:
             self._periods[key] = self._periods.get(key, 0) + counter.amount
         self._expires[key] = now + counter.ttl_seconds
 
-    def _adjust(self, counter: Counter, reservation: Reservation, delta: int, now: float) -> None:
-        key = counter.key
-        if counter.kind is CounterKind.LEASES:
+    def _adjust(self, kind: CounterKind, key: str, ttl: int, reservation: Reservation, delta: int,
+                now: float) -> None:
+        if kind is CounterKind.LEASES:
             if self._live(key, now):
                 self._leases.get(key, {}).pop(reservation.request_id, None)
             return
         if delta == 0:
             return
         live = self._live(key, now)
-        if counter.kind is CounterKind.WINDOW:
+        if kind is CounterKind.WINDOW:
             second = math.floor(reservation.time)
             if second < window_floor(now):
                 return  # already out of the window: nothing left to correct
@@ -569,12 +675,12 @@ class MemoryStore:
                 window = self._windows[key] = _Window()
             window.add(second, delta)
             if not live or key not in self._expires:
-                self._expires[key] = now + counter.ttl_seconds
+                self._expires[key] = now + ttl
             return
         if not live or key not in self._periods:
             if delta < 0:
                 return  # the period's counter is gone: nothing to refund
-            self._expires[key] = now + counter.ttl_seconds
+            self._expires[key] = now + ttl
         self._periods[key] = max(0, self._periods.get(key, 0) + delta)
 
     # ------------------------------------------------------------ usage aggregates and keys
@@ -595,9 +701,18 @@ class MemoryStore:
                 return False
             seen[usage.event_id] = now + MEMORY_SEEN_TTL_SECONDS
             order.append(usage.event_id)
-        cell = self._aggs.setdefault(usage.day, {}).setdefault((usage.user, usage.team), {})
-        for name, value in aggregate_fields(usage):
-            cell[name] = cell.get(name, 0) + value
+        by_subject = self._aggs.get(usage.day)
+        if by_subject is None:
+            by_subject = self._aggs[usage.day] = {}
+        subject = (usage.user, usage.team)
+        cell = by_subject.get(subject)
+        if cell is None:
+            cell = by_subject[subject] = {}
+        names = _field_names(usage.model)
+        requests = names[0]
+        for name, value in zip(names, usage.totals.values(), strict=True):  # `aggregate_fields`, inline
+            if value or name is requests:
+                cell[name] = cell.get(name, 0) + value
         return True
 
     async def aggregates(self, days: tuple[str, ...], user: str | None = None,

@@ -1,0 +1,135 @@
+"""The hot path's shortcuts do what the general code does: the embedded store's fast admission,
+the output history's kept-sorted percentile, the in-flight gauge folded at scrape, settle as a
+callback (and as a task when it has to wait)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+from collections import deque
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from proxy.metrics import Metrics
+from proxy.quota.gate import _HISTORY_MIN_SAMPLES, _HISTORY_SIZE, _PERCENTILE, _History
+from proxy.quota.memory import MemoryStore
+from proxy.quota.store import Admission, AggregateDelta, Decision, Limit, LimitName, Totals
+from proxy.services import Tracker
+
+T0 = 1_900_000_000.25
+TAG = "team-a"
+
+
+def _general_only() -> MemoryStore:
+    store = MemoryStore()
+    store._admit_fast = lambda admission: None  # type: ignore[method-assign]
+    return store
+
+
+def _state(store: MemoryStore) -> tuple[object, ...]:
+    windows = {k: (dict(w.buckets), w.total) for k, w in store._windows.items()}
+    return windows, dict(store._periods), dict(store._expires), dict(store._records), store._aggs
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fast_admission_decides_and_counts_as_the_general_path(seed: int) -> None:
+    rng = random.Random(seed)
+    limit_sets = [
+        (Limit("user:al", LimitName.RPM, 5), Limit("user:al", LimitName.TPM, 3000)),
+        (Limit("user:al", LimitName.TOKENS_PER_DAY, 20_000), Limit("user:al", LimitName.USD_PER_DAY, 90_000),
+         Limit("team:a", LimitName.USD_PER_MONTH, 400_000), Limit("user:al", LimitName.RPM, 8, False)),
+        (Limit("user:al", LimitName.RPM, 6), Limit("user:al", LimitName.RPM, 4, False),
+         Limit("user:al", LimitName.MAX_CONCURRENT, 3)),
+        (Limit("user:al", LimitName.TPM, 2000), Limit("user:al", LimitName.TPM, 2000)),  # one counter, twice
+    ]
+    fast, slow = MemoryStore(), _general_only()
+    now = T0
+    live: list[tuple[Decision, Decision]] = []
+    for i in range(400):
+        now += rng.choice((0.0, 0.3, 1.0, 7.0, 61.0)) if rng.random() < 0.3 else 0.05
+        day = "2030-03-17" if now < T0 + 3600 else "2030-03-18"
+        limits = rng.choice(limit_sets)
+        rid = f"r{i}" if rng.random() > 0.05 or i == 0 else f"r{i - 1}"  # now and then a retried id
+        adm = Admission(rid, TAG, limits, rng.choice((0, 10, 400, 1500)), rng.choice((0, 1000, 30_000)), now,
+                        day, "2030-03")
+        a, b = fast.admit_now(adm), slow.admit_now(adm)
+        assert a == b
+        if a.admitted:
+            live.append((a, b))
+        if live and rng.random() < 0.5:
+            da, db = live.pop(rng.randrange(len(live)))
+            assert da.reservation is not None and db.reservation is not None
+            tokens, cost = rng.choice((0, 5, 900, 5000)), rng.choice((0, 700, 50_000))
+            usage = AggregateDelta(da.reservation.request_id, TAG, day, "al", "a", "m",
+                                   Totals(1, tokens, 0, 0, 0, 0, cost))
+            assert fast.settle_and_record_now(da.reservation, usage, now) == slow.settle_and_record_now(
+                db.reservation, usage, now)
+        assert _state(fast) == _state(slow)
+
+
+def test_fast_admission_refuses_negative_amounts_like_the_general_path() -> None:
+    adm = Admission("r", TAG, (Limit("user:al", LimitName.RPM, 5),), -1, 0, T0, "2030-03-17", "2030-03")
+    with pytest.raises(ValueError):
+        MemoryStore().admit_now(adm)
+
+
+def test_history_percentile_is_the_nearest_rank_of_the_last_outputs() -> None:
+    rng = random.Random(7)
+    history = _History()
+    ref: deque[int] = deque(maxlen=_HISTORY_SIZE)
+    for i in range(300):
+        value = rng.choice((0, 3, 3, 17, 250, rng.randrange(1000)))
+        history.add("al", "m", value)
+        ref.append(value)
+        got = history.percentile("al", "m")
+        if i + 1 < _HISTORY_MIN_SAMPLES:
+            assert got is None
+        else:
+            ordered = sorted(ref)
+            assert got == ordered[min(len(ordered) - 1, math.ceil(_PERCENTILE * len(ordered)) - 1)]
+    assert history.percentile("bo", "m") is None
+
+
+def test_inflight_gauge_is_folded_at_collection() -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    metrics.inflight_add("openai", 1)
+    metrics.inflight_add("openai", 1)
+    metrics.inflight_add("anthropic", 1)
+    metrics.inflight_add("anthropic", -1)
+    assert registry.get_sample_value("meterproxy_inflight_requests", {"provider": "openai"}) == 2
+    assert registry.get_sample_value("meterproxy_inflight_requests", {"provider": "anthropic"}) == 0
+    metrics.inflight_add("openai", -1)
+    assert registry.get_sample_value("meterproxy_inflight_requests", {"provider": "openai"}) == 1
+
+
+async def test_tracker_callbacks_count_until_run_and_may_hand_over_to_a_task(
+        caplog: pytest.LogCaptureFixture) -> None:
+    tracker = Tracker()
+    done: list[str] = []
+    gate = asyncio.Event()
+
+    async def later() -> None:
+        await gate.wait()
+        done.append("task")
+
+    def now(tag: str, wait: bool) -> None:
+        done.append(tag)
+        if wait:
+            tracker.spawn(later())
+
+    def fails() -> None:
+        raise RuntimeError("boom")
+
+    tracker.soon(now, "a", False)
+    tracker.soon(now, "b", True)
+    tracker.soon(fails)
+    assert len(tracker) == 3 and done == []
+    asyncio.get_running_loop().call_later(0.05, gate.set)
+    with caplog.at_level(logging.ERROR, logger="meterproxy"):
+        await tracker.drain()
+    assert done == ["a", "b", "task"]
+    assert len(tracker) == 0
+    assert "settle/record failed" in caplog.text
