@@ -20,7 +20,7 @@ from .records import Subject
 END_USER_HEADER = "x-meterproxy-user"
 KEY_PREFIX = "mp-"  # store-created keys start with this (config keys are whatever ops chose)
 _MAX_CACHED_KEYS = 100_000
-_MAX_CACHED_SUBJECTS = 100_000  # (key, end user) pairs whose subject is kept
+_MAX_CACHED_SUBJECTS = 250_000  # (key, end user) pairs whose subject is kept
 
 
 def sha256_hex(key: str) -> str:

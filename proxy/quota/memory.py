@@ -77,14 +77,14 @@ class CounterView:
     oldest: int | None = None  # WINDOW: the oldest bucket still in the window
 
 
-@lru_cache(maxsize=65536)
+@lru_cache(maxsize=262_144)  # one per subject: sized for a few hundred thousand
 def hash_tag(tag: str) -> str:
     """`{tag}` with braces escaped, since Redis hashes only up to the first `}`."""
     escaped = tag.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
     return "{" + escaped + "}"
 
 
-@lru_cache(maxsize=65536)
+@lru_cache(maxsize=262_144)
 def _base_key(tag: str, scope: str, name: str) -> str:
     return f"{hash_tag(tag)}:{scope}:{name}"
 
@@ -112,7 +112,7 @@ _Shape = tuple[tuple[tuple[CounterKind, Measure, str, int], ...], tuple[int, ...
 # limit book hands out one tuple per subject, and hashing its Limits costs more than the shape.
 # The entry holds the tuple, so its id cannot be reused while the entry lives.
 _SHAPES: dict[tuple[int, str, str, str, float], tuple[tuple[Limit, ...], _Shape]] = {}
-_SHAPES_MAX = 65536
+_SHAPES_MAX = 262_144
 
 
 def _shape(limits: tuple[Limit, ...], tag: str, day: str, month: str, lease_seconds: float) -> _Shape:
