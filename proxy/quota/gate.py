@@ -196,7 +196,6 @@ class Gate:
         self._slots = {name: ProviderSlot(p.max_concurrent) for name, p in config.providers.items() if p.max_concurrent}
         # A store call waits at most this long (connect + command), so a dead store never hangs a request.
         self._timeout = config.store_timeout * 2
-        self._bounded = not isinstance(store, MemoryStore)
         self._embedded = store if type(store) is MemoryStore else None  # exactly: a subclass may wait
         self._period_cache: tuple[float, float, str, str] = (0.0, 0.0, "", "")
         self._profiles: dict[Subject, _Profile] = {}
@@ -423,7 +422,7 @@ class Gate:
         probe = st.down
         st.probing = st.probing or probe
         try:
-            if self._bounded:  # network store: bound the call (no extra task, unlike wait_for)
+            if not self.store.bounds_own_calls:  # bound the call (no extra task, unlike wait_for)
                 async with asyncio.timeout(self._timeout):
                     result = await call()
             else:  # in-memory store: it never waits

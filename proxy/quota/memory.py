@@ -430,6 +430,10 @@ class MemoryStore:
         self._keys: dict[str, StoredKey] = {}  # digest -> key created through the admin API
         self._fast: dict[tuple[int, str, str, str, float], tuple[tuple[Limit, ...], _FastShape | None]] = {}
 
+    @property
+    def bounds_own_calls(self) -> bool:
+        return True  # it never waits
+
     async def start(self) -> None:
         return None
 

@@ -125,6 +125,12 @@ class RedisStore:
         self._record = _Script("record.lua")
         self._indexed: set[tuple[str, str]] = set()  # (day, member) this process put in a day index
 
+    @property
+    def bounds_own_calls(self) -> bool:
+        # The lean connection fails every waiting call when Redis stays silent for the timeout
+        # (and connects within it); redis-py (Cluster, TLS) is bounded by the gate instead.
+        return self._py is None
+
     async def start(self) -> None:
         await self._connect()
 

@@ -191,6 +191,12 @@ class UsageStore(Protocol):
 
 
 class QuotaStore(UsageStore, Protocol):
+    @property
+    def bounds_own_calls(self) -> bool:
+        """True when every call fails by itself within the store's timeout (the caller need not
+        add a timer of its own)."""
+        ...
+
     async def start(self) -> None: ...
 
     async def close(self) -> None: ...
