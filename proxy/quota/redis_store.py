@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from proxy.errors import StoreError
-from proxy.quota.memory import (
+from proxy.quota.counters import (
     AGG_TTL_SECONDS,
     RECORD_TTL_SECONDS,
     SEEN_TTL_SECONDS,
