@@ -8,9 +8,10 @@ import logging
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date, datetime, tzinfo
 from decimal import Decimal, InvalidOperation
 from fnmatch import fnmatchcase
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,18 @@ _BEDROCK_PREFIX = re.compile(r"^(?:[a-z]{2,4}\.)?anthropic\.")
 _VERSION_SUFFIX = re.compile(
     r"(?:@[\w.\-]+|-v\d+(?::\d+)?|-\d{4}-\d{2}-\d{2}|-\d{8}|-\d{2}-\d{4}|-\d{2}-\d{2}|-\d{3,4}|-latest)$"
 )
+
+
+def date_at(tz: tzinfo, ts: float) -> date:
+    """The date in `tz` at unix time `ts`: the day prices and periods are looked up by."""
+    return _date_of_minute(tz, int(ts // 60))
+
+
+@lru_cache(maxsize=256)
+def _date_of_minute(tz: tzinfo, minute: int) -> date:
+    # Memoized per minute (every zone changes date on a whole minute): a zone conversion is the
+    # dearest part of the lookup, and the proxy asks for it twice a request.
+    return datetime.fromtimestamp(minute * 60, tz).date()
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,8 +11,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from datetime import date, datetime, tzinfo
-from functools import lru_cache
+from datetime import date, tzinfo
 from typing import Any
 
 from aiohttp import web
@@ -21,7 +20,7 @@ from .auth import KeyRing
 from .config import Config
 from .ledger import Ledger
 from .metrics import Metrics
-from .pricing import PriceTable
+from .pricing import PriceTable, date_at
 from .providers import Adapter
 from .quota.gate import Gate
 from .resilience import Breaker
@@ -48,10 +47,10 @@ class Services:
     breakers: dict[str, Breaker]
 
     def today(self) -> date:
-        return _date_at(self.tz, int(time.time() // 60))
+        return date_at(self.tz, time.time())
 
     def day_of(self, ts: float) -> date:
-        return _date_at(self.tz, int(ts // 60))
+        return date_at(self.tz, ts)
 
     def guess_adapter(self, request: web.Request) -> Adapter:
         """The adapter whose error shape fits a request that was refused before routing."""
@@ -62,12 +61,6 @@ class Services:
         family = ("anthropic" if "anthropic-version" in h or "x-api-key" in h
                   else "gemini" if "x-goog-api-key" in h or first == "v1beta" else "openai")
         return next((a for a in self.adapters.values() if a.family == family), next(iter(self.adapters.values())))
-
-
-@lru_cache(maxsize=256)
-def _date_at(tz: tzinfo, minute: int) -> date:
-    """The date in `tz` during one minute of unix time (every zone changes date on a whole minute)."""
-    return datetime.fromtimestamp(minute * 60, tz).date()
 
 
 class RequestIds:

@@ -22,7 +22,7 @@ from ..config import Config, PlanConfig
 from ..errors import ProxyError, RateLimited, StoreError, StoreUnavailable
 from ..estimate import Estimate
 from ..metrics import Metrics
-from ..pricing import TOKENS_PER_PRICE_UNIT, PriceTable
+from ..pricing import TOKENS_PER_PRICE_UNIT, PriceTable, date_at
 from ..providers import Adapter, Call, StreamTap
 from ..records import Subject, UsageRecord
 from ..tokens import Tokenizer
@@ -280,15 +280,12 @@ class Gate:
             # answers without suspending: nothing can settle meanwhile, so it is taken only to wait).
             room = self._state.room() if self._embedded is None else None
             adm = self._admission(request_id, tag, limits, est, out)
-            if self._embedded is not None:  # cannot fail or wait: no guard, no coroutine layers
-                decision, local = self._embedded.admit_now(adm), False
-            else:
-                try:
-                    decision, local = await self._store_admit(adm)
-                except BaseException:
-                    if held and slot is not None:
-                        slot.release()
-                    raise
+            try:
+                decision, local = await self._store_admit(adm)
+            except BaseException:
+                if held and slot is not None:
+                    slot.release()
+                raise
             if decision.admitted:
                 if decision.shadow_denied:
                     self._count_shadow(subject, decision.shadow_denied, request_id)
@@ -410,7 +407,7 @@ class Gate:
                 self.metrics.budget_limit.labels(st.limit.scope, period).set(st.limit.value / 1_000_000)
 
     def _date(self, now: float) -> date:
-        return _date_at(self.tz, int(now // 60))
+        return date_at(self.tz, now)
 
     # ------------------------------------------------------------ store health, fail-open
     async def _guarded(self, op: str, call: Callable[[], Awaitable[T]]) -> T:
@@ -696,12 +693,6 @@ class Gate:
         if decision.reservation is not None:
             ticket.extensions.append((decision.reservation, local))
         return decision
-
-
-@functools.lru_cache(maxsize=256)
-def _date_at(tz: tzinfo, minute: int) -> date:
-    """The date in `tz` during one minute of unix time (every zone changes date on a whole minute)."""
-    return datetime.fromtimestamp(minute * 60, tz).date()
 
 
 def _amount(lim: Limit, adm: Admission) -> int:
