@@ -5,8 +5,12 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-SHARED_CACHE := $(abspath ../shared/tiktoken-cache)
-ifneq ($(wildcard $(SHARED_CACHE)),)
+# tiktoken's encodings without a network: the workspace's shared cache, beside this checkout or
+# beside the local repository it was cloned from (a clone in /tmp of /work/main finds /work/shared).
+ORIGIN := $(patsubst file://%,%,$(shell git config --get remote.origin.url 2>/dev/null))
+CACHE_CANDIDATES := $(abspath ../shared/tiktoken-cache) $(if $(ORIGIN),$(abspath $(ORIGIN)/../shared/tiktoken-cache))
+SHARED_CACHE := $(firstword $(wildcard $(CACHE_CANDIDATES)))
+ifneq ($(SHARED_CACHE),)
 export TIKTOKEN_CACHE_DIR ?= $(SHARED_CACHE)
 endif
 
