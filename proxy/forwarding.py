@@ -12,7 +12,8 @@ from yarl import URL
 from .errors import UpstreamTimeout, UpstreamUnreachable
 from .providers import Adapter, Call
 from .providers.base import CLIENT_KEY_HEADERS
-from .upstream import UpstreamError, UpstreamPool, UpstreamResponse, UpstreamTimeoutError
+from .upstream import UpstreamPool, UpstreamResponse
+from .upstream_errors import UpstreamError, UpstreamTimeoutError
 
 HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",

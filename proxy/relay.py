@@ -21,7 +21,8 @@ from .forwarding import HOP_BY_HOP
 from .providers import Adapter, Call, StreamTap
 from .providers.sse import SSEEvent
 from .records import Relayed
-from .upstream import UpstreamError, UpstreamResponse
+from .upstream import UpstreamResponse
+from .upstream_errors import UpstreamError
 
 # Upstream response headers the proxy replaces or must not copy.
 _DROP_RESPONSE = HOP_BY_HOP | frozenset({"content-length", "x-request-id"})

@@ -12,14 +12,14 @@ PROXY = Path(__file__).resolve().parents[1] / "proxy"
 
 LAYERS: dict[str, int] = {
     # value types and errors
-    "errors": 0, "records": 0, "quota.store": 0,
+    "errors": 0, "records": 0, "quota.store": 0, "upstream_errors": 0,
     # pure logic: no I/O
-    "config": 1, "tokens": 1, "pricing": 1, "providers": 1, "providers.base": 1, "providers.sse": 1,
+    "config": 1, "tokens": 1, "prompt_tokens": 1, "image_size": 1, "upstream_wire": 1, "pricing": 1, "providers": 1, "providers.base": 1, "providers.sse": 1,
     "providers.openai": 1, "providers.azure": 1, "providers.anthropic": 1, "providers.gemini": 1,
     "route": 1, "estimate": 2, "settle": 2, "usage": 1, "quota.limits": 2, "quota.counters": 2, "auth": 2, "openapi": 1,
     # I/O adapters
     "quota.memory": 3, "quota.redis_store": 3, "quota.resp": 3, "quota.slots": 3, "quota.gate": 4, "replay": 4,
-    "upstream": 3, "forwarding": 3, "resilience": 4, "relay": 3, "metrics": 3, "ledger": 4, "services": 5,
+    "upstream": 3, "upstream_connection": 3, "forwarding": 3, "resilience": 4, "relay": 3, "metrics": 3, "ledger": 4, "services": 5,
     # HTTP surface
     "pipeline": 6, "admin": 6,
     # composition

@@ -14,15 +14,10 @@ from typing import Any
 import pytest
 import tiktoken
 
+from proxy.image_size import image_size, image_size_from_data_url
+from proxy.prompt_tokens import AUDIO_PART_TOKENS, IMAGE_UNKNOWN_SIZE_TOKENS
 from proxy.records import ApiKind, CountSource
-from proxy.tokens import (
-    AUDIO_PART_TOKENS,
-    IMAGE_UNKNOWN_SIZE_TOKENS,
-    Encoding,
-    Tokenizer,
-    image_size,
-    image_size_from_data_url,
-)
+from proxy.tokens import Encoding, Tokenizer
 
 # OpenAI cookbook, How_to_count_tokens_with_tiktoken.ipynb, section 6: the API reported 129
 # prompt tokens on gpt-3.5-turbo/gpt-4 and 124 on gpt-4o/gpt-4o-mini for these messages.

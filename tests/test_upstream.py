@@ -15,14 +15,12 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.upstream import (
-    HIGH_WATER,
+from proxy.upstream import HIGH_WATER, UpstreamPool, UpstreamResponse
+from proxy.upstream_errors import (
     UpstreamConnectError,
     UpstreamDisconnected,
     UpstreamError,
-    UpstreamPool,
     UpstreamProtocolError,
-    UpstreamResponse,
     UpstreamTimeoutError,
 )
 
