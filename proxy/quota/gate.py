@@ -116,9 +116,15 @@ class _History:
         key = (user, model)
         hit = self._runs.get(key)
         if hit is None:
-            hit = self._runs[key] = (deque(maxlen=_HISTORY_SIZE), [])
-            if len(self._runs) > _HISTORY_SUBJECTS:
-                self._runs.popitem(last=False)
+            if len(self._runs) >= _HISTORY_SUBJECTS:
+                # The least recently used pair's run is emptied and reused: with more active
+                # pairs than the bound, every add lands here, and allocating would churn.
+                hit = self._runs.popitem(last=False)[1]
+                hit[0].clear()
+                hit[1].clear()
+            else:
+                hit = (deque(maxlen=_HISTORY_SIZE), [])
+            self._runs[key] = hit
         else:
             self._runs.move_to_end(key)
         run, ordered = hit
