@@ -13,8 +13,14 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from proxy.metrics import Metrics
-from proxy.quota.gate import _HISTORY_MIN_SAMPLES, _HISTORY_SIZE, _PERCENTILE, _History
-from proxy.quota.memory import MemoryStore
+from proxy.quota.gate import (
+    _HISTORY_MIN_SAMPLES,
+    _HISTORY_SIZE,
+    _HISTORY_SUBJECTS,
+    _PERCENTILE,
+    _History,
+)
+from proxy.quota.memory import _SWEEP_SLICE, MemoryStore
 from proxy.quota.store import Admission, AggregateDelta, Decision, Limit, LimitName, Totals
 from proxy.services import Tracker
 
@@ -90,6 +96,35 @@ def test_history_percentile_is_the_nearest_rank_of_the_last_outputs() -> None:
             ordered = sorted(ref)
             assert got == ordered[min(len(ordered) - 1, math.ceil(_PERCENTILE * len(ordered)) - 1)]
     assert history.percentile("bo", "m") is None
+
+
+def test_history_past_its_bound_forgets_the_least_recently_used_pair() -> None:
+    history = _History()
+    for _ in range(_HISTORY_MIN_SAMPLES):
+        history.add("first", "m", 900)
+    for i in range(_HISTORY_SUBJECTS - 1):
+        history.add(f"u{i}", "m", 5)
+    history.add("first", "m", 900)  # used again: now the most recent
+    for _ in range(_HISTORY_MIN_SAMPLES):
+        history.add("new", "m", 40)  # evicts u0, whose run it reuses
+    assert history.percentile("first", "m") == 900
+    assert history.percentile("new", "m") == 40  # nothing of u0's outputs came along
+    assert history.percentile("u0", "m") is None
+
+
+def test_sweep_drops_expired_counters_a_slice_per_admission() -> None:
+    store = MemoryStore(sweep_interval_seconds=60.0)
+    rpm = (Limit("user:x", LimitName.RPM, 1000),)
+    n = 3 * _SWEEP_SLICE + 10
+    for i in range(n):  # one counter per subject, all expired by the second sweep below
+        assert store.admit_now(Admission(f"r{i}", f"u{i}", rpm, 1, 0, T0, "2030-03-17", "2030-03")).admitted
+    later = T0 + 3600  # past every window's and record's expiry
+    store.admit_now(Admission("first", "other", rpm, 1, 0, later, "2030-03-17", "2030-03"))
+    assert len(store._expires) == n - _SWEEP_SLICE + 1  # the sweep began: one slice looked at, not all
+    for i in range(4):
+        store.admit_now(Admission(f"more{i}", "other", rpm, 1, 0, later, "2030-03-17", "2030-03"))
+    assert len(store._expires) == 1 and "other" in next(iter(store._expires))  # the rest: swept
+    assert not store._sweeping
 
 
 def test_inflight_gauge_is_folded_at_collection() -> None:
