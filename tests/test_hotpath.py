@@ -13,13 +13,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from proxy.metrics import Metrics
-from proxy.quota.gate import (
-    _HISTORY_MIN_SAMPLES,
-    _HISTORY_SIZE,
-    _HISTORY_SUBJECTS,
-    _PERCENTILE,
-    _History,
-)
+from proxy.quota.history import _HISTORY_MIN_SAMPLES, _HISTORY_SIZE, _HISTORY_SUBJECTS, _PERCENTILE
+from proxy.quota.history import History as _History
 from proxy.quota.memory import _SWEEP_SLICE, MemoryStore
 from proxy.quota.store import Admission, AggregateDelta, Decision, Limit, LimitName, Totals
 from proxy.services import Tracker

@@ -1,37 +1,33 @@
 """Admit and settle: a subject's limits checked and reserved in one store round trip, and what
-surrounds that call: reservation sizing from recent outputs, clamping max_tokens to what a budget
-still affords, queueing (per-provider slots by plan priority), fail-open on local counters with an
-exact replay to the store, and in-stream enforcement of reservations.
+surrounds that call: reservation sizing from recent outputs, clamping (clamp.py), queueing
+(per-provider slots by plan priority) and in-stream enforcement of reservations. The store calls
+themselves, with fail-open and replay, are the base class's (store_link.py).
 """
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import math
 import time
-from bisect import bisect_left, insort
-from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, tzinfo
 from enum import StrEnum
-from typing import TypeVar
 
 from ..config import Config, PlanConfig
-from ..errors import ProxyError, RateLimited, StoreError, StoreUnavailable
+from ..errors import ProxyError, RateLimited, StoreUnavailable
 from ..estimate import Estimate
 from ..metrics import Metrics
-from ..pricing import TOKENS_PER_PRICE_UNIT, PriceTable, date_at
+from ..pricing import PriceTable, date_at
 from ..providers import Adapter, Call, StreamTap
 from ..records import Subject, UsageRecord
 from ..tokens import Tokenizer
-from .limits import CLAMPABLE, OUTPUT_LIMITS, LimitBook, describe, rate_headers, refusal
+from .clamp import MIN_CLAMPED_OUTPUT, affordable_output, clamped, failing_limits
+from .limits import OUTPUT_LIMITS, LimitBook, describe, rate_headers, refusal
 from .memory import MemoryStore
 from .slots import ProviderSlot
+from .state import State
 from .store import (
     MONEY_LIMITS,
-    TOKEN_LIMITS,
     Admission,
     AggregateDelta,
     Decision,
@@ -42,17 +38,10 @@ from .store import (
     Reservation,
     Totals,
 )
+from .store_link import StoreLink
 
 log = logging.getLogger("meterproxy.quota")
-T = TypeVar("T")
 
-_MIN_CLAMPED_OUTPUT = 16  # below this a clamped request is not worth serving
-_BACKOFF_SECONDS = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)  # between probes of a store that is down
-_REPLAY_MAX = 1_000_000  # usage deltas kept for the store; beyond, the oldest are dropped (logged)
-_HISTORY_SIZE = 64  # recent outputs kept per (user, model)
-_HISTORY_MIN_SAMPLES = 8  # fewer than this: no percentile, reserve the full max_tokens
-_HISTORY_SUBJECTS = 10_000  # (user, model) pairs remembered, least recently used dropped
-_PERCENTILE = 0.95
 _FIRST_CHECK_BYTES = 256
 _MIN_CHECK_GROWTH = 1.125  # a stream's text is re-counted only after growing by at least this
 _MIN_TOPUP_TOKENS = 256
@@ -103,93 +92,10 @@ class _Profile:
     money: bool  # an enforced budget: its gauges are updated on admission
 
 
-class _History:
-    """Recent output sizes per (user, model), bounded in length and in number of pairs.
-
-    Each run is kept twice: in arrival order (what leaves next) and sorted (so the percentile
-    every admission asks for is one index, not a sort)."""
-
-    def __init__(self) -> None:
-        self._runs: OrderedDict[tuple[str, str], tuple[deque[int], list[int]]] = OrderedDict()
-
-    def add(self, user: str, model: str, output: int) -> None:
-        key = (user, model)
-        hit = self._runs.get(key)
-        if hit is None:
-            if len(self._runs) >= _HISTORY_SUBJECTS:
-                # The least recently used pair's run is emptied and reused: with more active
-                # pairs than the bound, every add lands here, and allocating would churn.
-                hit = self._runs.popitem(last=False)[1]
-                hit[0].clear()
-                hit[1].clear()
-            else:
-                hit = (deque(maxlen=_HISTORY_SIZE), [])
-            self._runs[key] = hit
-        else:
-            self._runs.move_to_end(key)
-        run, ordered = hit
-        if len(run) == _HISTORY_SIZE:
-            del ordered[bisect_left(ordered, run[0])]  # the oldest leaves both
-        run.append(output)
-        insort(ordered, output)
-
-    def percentile(self, user: str, model: str) -> int | None:
-        hit = self._runs.get((user, model))
-        if hit is None:
-            return None
-        ordered = hit[1]
-        n = len(ordered)
-        if n < _HISTORY_MIN_SAMPLES:
-            return None
-        return ordered[min(n - 1, math.ceil(_PERCENTILE * n) - 1)]  # nearest rank
-
-
-@dataclass(frozen=True, slots=True)
-class _Replay:
-    """What the store has not seen yet: a finished request's usage (with the local admission to
-    add it under, or the store reservation to settle), or a top-up to give back (`usage` None)."""
-
-    usage: AggregateDelta | None
-    admission: Admission | None = None
-    reservation: Reservation | None = None
-
-
-class _StoreDown(Exception):
-    """The store is down or just failed: serve per `on_store_failure`."""
-
-
-class _State:
-    """What outlives a config reload: fail-open counters and replay queue, store health, output
-    history, in-flight counts and the wake-up of queued requests."""
-
-    def __init__(self, tz: tzinfo) -> None:
-        self.local = MemoryStore(tz=tz)
-        self.replay: deque[_Replay] = deque()
-        self.replay_lock = asyncio.Lock()
-        self.history = _History()
-        self.inflight: dict[str, int] = {}  # hash tag -> admitted, unsettled tickets in this process
-        self.down = False
-        self.retry_at = 0.0
-        self.failures = 0
-        self.probing = False
-        self._room: asyncio.Future[None] | None = None
-
-    def room(self) -> asyncio.Future[None]:
-        """Resolved by the next settle in this process (room may have freed)."""
-        if self._room is None or self._room.done():
-            self._room = asyncio.get_running_loop().create_future()
-        return self._room
-
-    def wake(self) -> None:
-        if self._room is not None and not self._room.done():
-            self._room.set_result(None)
-        self._room = None
-
-
 _UNLIMITED = Decision(True, None, ())
 
 
-class Gate:
+class Gate(StoreLink):
     def __init__(self, config: Config, store: QuotaStore, prices: PriceTable, metrics: Metrics,
                  tz: tzinfo) -> None:
         self.config = config
@@ -198,7 +104,7 @@ class Gate:
         self.metrics = metrics
         self.tz = tz
         self.book = LimitBook(config)
-        self._state = _State(tz)
+        self._state = State(tz)
         self._slots = {name: ProviderSlot(p.max_concurrent) for name, p in config.providers.items() if p.max_concurrent}
         # A store call waits at most this long (connect + command), so a dead store never hangs a request.
         self._timeout = config.store_timeout * 2
@@ -296,7 +202,7 @@ class Gate:
                 if decision.shadow_denied:
                     self._count_shadow(subject, decision.shadow_denied, request_id)
                 return self._ticket(subject, decision, local, slot if held else None, prof, est, out, clamp)
-            fit = self._clamped(plan, decision, adm, est, out)
+            fit = clamped(plan, decision, adm, est, out, self.prices, self.tz)
             if fit is not None:
                 clamp, out = fit  # keep the provider slot: the retry is immediate
                 continue
@@ -348,45 +254,6 @@ class Gate:
                       cap, max(1, est.choices), watch, prof.output_limits, est.model, est.priced,
                       max(_FIRST_CHECK_BYTES, math.ceil(threshold)))
 
-    def _clamped(self, plan: PlanConfig, decision: Decision, adm: Admission, est: Estimate,
-                 out: int) -> tuple[int, int] | None:
-        """(max_tokens per choice, output reserved) that fits every budget, if refusal was only theirs."""
-        if not plan.on_limit_clamp or out <= 0:
-            return None
-        failing = _failing(decision, adm)
-        if not failing or any(lim.name not in CLAMPABLE for lim in failing):
-            return None
-        fit = self._affordable_output(decision.states, est.model, est.priced, est.prompt_tokens, CLAMPABLE, adm.now)
-        if fit is None:
-            return None
-        per_choice = min(fit, out) // max(1, est.choices)
-        total = per_choice * max(1, est.choices)
-        if per_choice < _MIN_CLAMPED_OUTPUT or total >= out:
-            return None
-        return per_choice, total
-
-    def _affordable_output(self, states: tuple[LimitState, ...], model: str, priced: bool, prompt_tokens: int,
-                           names: frozenset[LimitName], now: float) -> int | None:
-        """Output tokens every enforced limit in `names` can still take after the prompt, or None."""
-        best: int | None = None
-        price = self.prices.lookup(model, self._date(now)) if priced else None
-        for st in states:
-            lim = st.limit
-            if not lim.enforce or lim.name not in names:
-                continue
-            room = lim.value - st.used  # a refused decision's states exclude this request
-            if lim.name in TOKEN_LIMITS:
-                fit = room - prompt_tokens
-            elif price is not None:
-                out_rate = max(price.output, price.reasoning or 0)
-                spare = room * TOKENS_PER_PRICE_UNIT - prompt_tokens * price.input
-                # Floor: cost_for_estimate rounds the whole up, so this never reserves past the room.
-                fit = spare // out_rate if out_rate > 0 else (1 << 30 if spare >= 0 else -1)
-            else:
-                continue
-            best = fit if best is None else min(best, fit)
-        return best
-
     def _queue_wait(self, decision: Decision, adm: Admission, tag: str, deadline: float) -> float | None:
         """How long a queued request should wait before asking again; None: refuse now."""
         left = deadline - time.monotonic()
@@ -395,7 +262,7 @@ class Gate:
         if decision.retry_after_seconds <= left:
             return max(0.01, decision.retry_after_seconds)
         # A settle here may refund a reservation or free a lease sooner (not a request count).
-        failing = _failing(decision, adm)
+        failing = failing_limits(decision, adm)
         if self._state.inflight.get(tag) and all(lim.name is not LimitName.RPM for lim in failing):
             return left
         return None
@@ -414,65 +281,6 @@ class Gate:
 
     def _date(self, now: float) -> date:
         return date_at(self.tz, now)
-
-    # ------------------------------------------------------------ store health, fail-open
-    async def _guarded(self, op: str, call: Callable[[], Awaitable[T]]) -> T:
-        """One store call, bounded by a short timeout. While the store is down, calls are not made
-        (raise _StoreDown at once) except one probe at a time after a growing backoff."""
-        st = self._state
-        if st.down and (st.probing or time.monotonic() < st.retry_at):
-            raise _StoreDown
-        probe = st.down
-        st.probing = st.probing or probe
-        try:
-            if not self.store.bounds_own_calls:  # bound the call (no extra task, unlike wait_for)
-                async with asyncio.timeout(self._timeout):
-                    result = await call()
-            else:  # in-memory store: it never waits
-                result = await call()
-        except (StoreError, TimeoutError) as e:
-            self._store_failed(op, e, probe)
-            raise _StoreDown from e
-        finally:
-            if probe:
-                st.probing = False
-        if st.down:
-            log.warning("quota store is back; %d usage deltas to replay", len(st.replay))
-            st.down, st.failures = False, 0
-        return result
-
-    def _store_failed(self, op: str, e: BaseException, probe: bool) -> None:
-        st = self._state
-        self.metrics.store_errors.labels(op).inc()
-        if st.down and not probe:
-            return  # already known; only a failed probe backs off further
-        backoff = _BACKOFF_SECONDS[min(st.failures, len(_BACKOFF_SECONDS) - 1)]
-        st.failures += 1
-        st.down = True
-        st.retry_at = time.monotonic() + backoff
-        log.warning("quota store %s failed (%s); %s, next try in %.2fs", op, e or type(e).__name__,
-                    "serving on local counters" if self.config.on_store_failure == "open" else "refusing", backoff)
-
-    async def _store_admit(self, adm: Admission) -> tuple[Decision, bool]:
-        if self._embedded is not None:  # cannot fail or wait: no guard, no coroutine layers
-            return self._embedded.admit_now(adm), False
-        try:
-            return await self._guarded("admit", lambda: self.store.admit(adm)), False
-        except _StoreDown:
-            pass
-        if self.config.on_store_failure == "closed":
-            raise StoreUnavailable("The quota store is unreachable and on_store_failure is closed; try again shortly.",
-                                   headers={"retry-after": "1"})
-        self.metrics.store_fallback.inc()
-        return await self._state.local.admit(adm), True
-
-    def _keep_for_replay(self, item: _Replay) -> None:
-        q = self._state.replay
-        if len(q) >= _REPLAY_MAX:
-            q.popleft()
-            self.metrics.store_errors.labels("replay_dropped").inc()
-            log.error("fail-open replay queue is full (%d); the oldest usage delta is dropped", _REPLAY_MAX)
-        q.append(item)
 
     # ------------------------------------------------------------ settle
     async def settle(self, ticket: Ticket | None, rec: UsageRecord) -> None:
@@ -540,32 +348,6 @@ class Gate:
         totals = Totals(1, t.input, t.output, t.cached_input, t.cache_write, t.reasoning, rec.cost_micro_usd)
         return AggregateDelta(rec.event_id, tag, day, rec.user, rec.team, rec.model, totals)
 
-    async def _record(self, res: Reservation | None, local: bool, usage: AggregateDelta) -> None:
-        now = time.time()
-        if local:
-            if res is not None:
-                await self._state.local.settle(res, usage.totals.tokens, usage.totals.cost_micro_usd, now)
-            self._keep_for_replay(_Replay(usage, _replay_admission(res) if res is not None else None))
-            return
-        if self._embedded is not None:
-            self._embedded.settle_and_record_now(res, usage, now)
-            return
-        try:
-            await self._guarded("settle", lambda: self.store.settle_and_record(res, usage, now))
-        except _StoreDown:
-            # A reservation stays counted in the store (its record lasts 2 days): settle it later.
-            self._keep_for_replay(_Replay(usage, reservation=res))
-
-    async def _give_back(self, res: Reservation, local: bool) -> None:
-        now = time.time()
-        if local:
-            await self._state.local.settle(res, 0, 0, now)
-            return
-        try:
-            await self._guarded("settle", lambda: self.store.settle(res, 0, 0, now))
-        except _StoreDown:
-            self._keep_for_replay(_Replay(None, reservation=res))
-
     def _learn(self, ticket: Ticket, rec: UsageRecord) -> None:
         if ticket.reserved_output <= 0 or rec.status >= 400 or rec.cut_short or ticket.subject is None:
             return
@@ -573,40 +355,6 @@ class Gate:
         if ticket.cap_per_choice is not None and per_choice >= ticket.cap_per_choice:
             return  # stopped by max_tokens: the length it wanted is unknown
         self._state.history.add(ticket.subject.user, ticket.model, per_choice)
-
-    async def replay_pending(self) -> int:
-        """Apply what was kept while the store was down, oldest first, each once: a local
-        admission is first turned into a store reservation (admit is idempotent per request id),
-        then settled and recorded (once per event id); an item leaves the queue only when done."""
-        st = self._state
-        done = 0
-        async with st.replay_lock:
-            while st.replay:
-                item = st.replay[0]
-                try:
-                    if item.admission is not None:
-                        d = await self._guarded("replay", functools.partial(self.store.admit, item.admission))
-                        item = st.replay[0] = _Replay(item.usage, reservation=d.reservation)
-                    await self._guarded("replay", functools.partial(self._apply, item))
-                except _StoreDown:
-                    break
-                st.replay.popleft()
-                done += 1
-        return done
-
-    async def _apply(self, item: _Replay) -> None:
-        if item.usage is not None:
-            await self.store.settle_and_record(item.reservation, item.usage, time.time())
-        elif item.reservation is not None:  # a top-up to give back
-            await self.store.settle(item.reservation, 0, 0, time.time())
-
-    @property
-    def pending_replays(self) -> int:
-        return len(self._state.replay)
-
-    @property
-    def store_down(self) -> bool:
-        return self._state.down
 
     # ------------------------------------------------------------ in-stream enforcement
     def overrun(self, ticket: Ticket, tap: StreamTap, tokenizer: Tokenizer, model: str) -> ProxyError | None:
@@ -669,8 +417,9 @@ class Gate:
         if decision is None:
             return "the quota store is unreachable (on_store_failure: closed)"
         if not decision.admitted:  # not all of it: then what still fits, so the stream ends at the limit
-            fit = self._affordable_output(decision.states, ticket.model, ticket.priced, 0, OUTPUT_LIMITS, time.time())
-            if fit is not None and _MIN_CLAMPED_OUTPUT <= fit < tokens:
+            price = self.prices.lookup(ticket.model, self._date(time.time())) if ticket.priced else None
+            fit = affordable_output(decision.states, price, 0, OUTPUT_LIMITS)
+            if fit is not None and MIN_CLAMPED_OUTPUT <= fit < tokens:
                 again = await self._extension(ticket, fit)
                 if again is not None and again.admitted:
                     ticket.topup_tokens = fit
@@ -699,24 +448,3 @@ class Gate:
         if decision.reservation is not None:
             ticket.extensions.append((decision.reservation, local))
         return decision
-
-
-def _amount(lim: Limit, adm: Admission) -> int:
-    if lim.name in TOKEN_LIMITS:
-        return adm.tokens
-    if lim.name in MONEY_LIMITS:
-        return adm.cost_micro_usd
-    return 1
-
-
-def _failing(decision: Decision, adm: Admission) -> list[Limit]:
-    """The enforced limits that refused (a refused decision's states exclude the request)."""
-    return [st.limit for st in decision.states
-            if st.limit.enforce and st.used + _amount(st.limit, adm) > st.limit.value]
-
-
-def _replay_admission(res: Reservation) -> Admission:
-    # The same request id, so an admission the store made but whose reply was lost counts once;
-    # every limit a shadow one, since usage already served is never refused.
-    limits = tuple(Limit(lim.scope, lim.name, lim.value, False) for lim in res.limits)
-    return Admission(res.request_id, res.tag, limits, res.tokens, res.cost_micro_usd, res.time, res.day, res.month)
