@@ -305,6 +305,7 @@ def summarize(targets: list[Target]) -> dict[str, dict[str, float]]:
             "cpu_ms_per_req": med(t, "rps", "cpu_ms_per_req"),
             "cpu_ms_per_stream": med(t, "stream", "cpu_ms_per_req"),
             "cpu_util_rps": med(t, "rps", "cpu_util"),
+            "cpu_util_stream": med(t, "stream", "cpu_util"),
             "rss_mib": t.rss_bytes / MIB if t.proc else float("nan"),
         }
         if floor is not None:
@@ -318,9 +319,9 @@ def table(summary: dict[str, dict[str, float]], targets: list[Target], plan: Pla
     head = (
         f"| target | RPS @{plan.conns} | × floor | p50 @1 (ms) | p99 @1 (ms) | added p50 / p99 (ms) "
         f"| streams/s @{plan.stream_conns} | × floor | TTFT p50 @{plan.stream_conns} (ms) "
-        f"| CPU ms/req | CPU ms/stream | busy @{plan.conns} | RSS (MiB) | status |"
+        f"| CPU ms/req | CPU ms/stream | busy @{plan.conns} | busy @{plan.stream_conns} | RSS (MiB) | status |"
     )
-    lines = [head, "|" + "---|" * 14]
+    lines = [head, "|" + "---|" * 15]
     for t in targets:
         r = summary[t.name]
         added_cell = "—" if t.name == "direct" else (
@@ -331,6 +332,7 @@ def table(summary: dict[str, dict[str, float]], targets: list[Target], plan: Pla
             f"| {fmt(r['streams_per_s'])} | {fmt(r.get('stream_x_floor', math.nan), 2)} "
             f"| {fmt(r['ttft_p50_ms'], 2)} | {fmt(r['cpu_ms_per_req'], 3)} "
             f"| {fmt(r['cpu_ms_per_stream'], 3)} | {fmt(r['cpu_util_rps'] * 100, 0, '%')} "
+            f"| {fmt(r['cpu_util_stream'] * 100, 0, '%')} "
             f"| {fmt(r['rss_mib'], 0)} "
             f"| {'ok' if not t.failures else 'FAILED'} |"
         )

@@ -20,6 +20,7 @@ from redisproc import RedisProc, free_port, start_redis
 from proxy.errors import StoreError
 from proxy.quota.redis_store import RedisStore
 from proxy.quota.resp import (
+    LINGER_SECONDS,
     ConnectionLost,
     Endpoint,
     NoScript,
@@ -294,6 +295,28 @@ async def test_closing_fails_calls_in_flight_without_retrying_them(own_server: R
         await store.close()
     assert (await store.admit(admission())).admitted  # a closed store connects again on use
     await store.close()
+
+
+async def test_later_commands_ride_behind_the_next_urgent_one_or_go_after_the_linger(
+        resp: RespClient) -> None:
+    key = f"t:{uuid.uuid4().hex}"
+    # Sent first but written after the urgent GET of the same loop turn: GET sees no INCR yet.
+    later = asyncio.ensure_future(resp.call(pack(("INCR", key)), later=True))
+    assert await resp.call(pack(("GET", key))) is None
+    assert await later == 1
+    # Alone, a later command still goes out, once the linger is over.
+    t0 = time.monotonic()
+    assert await resp.call(pack(("INCR", key)), later=True) == 2
+    assert time.monotonic() - t0 >= LINGER_SECONDS * 0.9
+    assert await resp.call_many([pack(("INCR", key)), pack(("GET", key))], later=True) == [3, b"3"]
+
+
+async def test_closing_fails_later_commands_not_written_yet(resp: RespClient) -> None:
+    conn = await resp.connection()
+    queued = conn.send(pack(("PING",)), later=True)
+    conn.close()
+    with pytest.raises(StoreError):
+        await queued
 
 
 async def test_batches_get_replies_in_order_and_raise_their_first_error(resp: RespClient) -> None:
