@@ -98,13 +98,14 @@ class RespConnection(asyncio.Protocol):
 
     def send(self, payload: bytes, later: bool = False) -> asyncio.Future[Any]:
         """`later`: nobody waits on the reply to answer a client (a settle, a ledger batch), so
-        the command may wait up to LINGER_SECONDS to share the next write: each write and each
-        read it saves is a system call, the larger part of a Redis call's cost."""
+        while other calls are in flight the command may wait up to LINGER_SECONDS to share the
+        next write: each write and each read it saves is a system call, the larger part of a
+        Redis call's cost. On an idle connection it goes at once, as it would save nothing."""
         fut = self._loop.create_future()
         if self._transport is None:  # closed, or not yet made
             fut.set_exception(ConnectionLost("redis connection is closed"))
             return fut
-        if later:
+        if later and (self._waiting or self._out):  # idle: nothing to wait for, it goes now
             self._later.append(payload)
             self._later_futs.append(fut)
             if not self._flush_due and self._linger is None:
