@@ -98,7 +98,7 @@ def test_history_past_its_bound_forgets_the_least_recently_used_pair() -> None:
     for _ in range(_HISTORY_MIN_SAMPLES):
         history.add("first", "m", 900)
     for i in range(_HISTORY_SUBJECTS - 1):
-        history.add(f"u{i}", "m", 5)
+        history.add(f"u{i}", "m", 10_000)  # left in a reused run, this would be the new pair's p95
     history.add("first", "m", 900)  # used again: now the most recent
     for _ in range(_HISTORY_MIN_SAMPLES):
         history.add("new", "m", 40)  # evicts u0, whose run it reuses

@@ -162,12 +162,12 @@ def record_key(tag: str, request_id: str) -> str:
     return f"{hash_tag(tag)}:reservation:{request_id}"
 
 
-def settle_delta(counter: Counter, reservation: Reservation, tokens: int,
+def settle_delta(measure: Measure, reservation: Reservation, tokens: int,
                  cost_micro_usd: int) -> int:
-    """What settling adds to a counter; requests are not refunded (the request happened)."""
-    if counter.measure is Measure.TOKENS:
+    """What settling adds to a counter of `measure`; requests are not refunded (the request happened)."""
+    if measure is Measure.TOKENS:
         return max(0, tokens) - reservation.tokens
-    if counter.measure is Measure.MONEY:
+    if measure is Measure.MONEY:
         return max(0, cost_micro_usd) - reservation.cost_micro_usd
     return 0
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from datetime import UTC, tzinfo
 
 from proxy.quota.counters import (
@@ -26,6 +27,7 @@ from proxy.quota.counters import (
     record_key,
     replayed_decision,
     reservation_of,
+    settle_delta,
     window_floor,
     window_free_at,
     window_view,
@@ -81,6 +83,15 @@ class _Window:
 
 
 _SWEEP_SLICE = 256  # keys a sweep looks at per admission
+
+def _sweep_slice(pending: list[str], expiries: dict[str, float], drop: Callable[[str], None], now: float) -> None:
+    """Look at the last slice of `pending` (taken off it from the end: no copy), dropping what expired."""
+    for key in pending[-_SWEEP_SLICE:]:
+        expiry = expiries.get(key)
+        if expiry is not None and expiry <= now:
+            drop(key)
+    del pending[-_SWEEP_SLICE:]
+
 
 # `_admit_fast`'s layout of a shape: per counter (is a window, measure, key, ttl); per limit (the
 # limit, its counter's index, the end of its period or None for a window).
@@ -256,12 +267,10 @@ class MemoryStore:
         if expiry is None or expiry <= now:
             return False
         # The reservation's counters from their cached shape (no Counter objects): what
-        # `reservation_plan` and `settle_delta` give, requests never refunded.
+        # `reservation_plan` gives.
         shape, _ = counter_shape(reservation.limits, reservation.tag, reservation.day, reservation.month, 600.0)
         for kind, measure, key, ttl in shape:
-            delta = (max(0, tokens) - reservation.tokens if measure is Measure.TOKENS
-                     else max(0, cost_micro_usd) - reservation.cost_micro_usd if measure is Measure.MONEY else 0)
-            self._adjust(kind, key, ttl, reservation, delta, now)
+            self._adjust(kind, key, ttl, reservation, settle_delta(measure, reservation, tokens, cost_micro_usd), now)
         return True
 
     async def usage(self, limits: tuple[Limit, ...], tag: str, now: float, day: str,
@@ -294,18 +303,8 @@ class MemoryStore:
             self._next_sweep = now + self._sweep_interval
             self._sweeping = list(self._expires)  # a copy of the keys only: C speed
             self._sweeping_records = list(self._records)
-        expires, records, pending = self._expires, self._records, self._sweeping
-        for key in pending[-_SWEEP_SLICE:]:
-            expiry = expires.get(key)
-            if expiry is not None and expiry <= now:
-                self._drop(key)
-        del pending[-_SWEEP_SLICE:]  # from the end: no copy
-        pending = self._sweeping_records
-        for key in pending[-_SWEEP_SLICE:]:
-            expiry = records.get(key)
-            if expiry is not None and expiry <= now:
-                del records[key]
-        del pending[-_SWEEP_SLICE:]
+        _sweep_slice(self._sweeping, self._expires, self._drop, now)
+        _sweep_slice(self._sweeping_records, self._records, self._records.__delitem__, now)
 
     def _view(self, counter: Counter, now: float, *, write: bool = True) -> CounterView:
         if not self._live(counter.key, now):

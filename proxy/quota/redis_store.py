@@ -188,11 +188,8 @@ class RedisStore:
         # record.lua with no seen marker and no aggregate fields is the plain settle; the record
         # key stands in for the two keys it then does not touch (same hash tag).
         keys = [record, record, record, *(self._key(c.key) for c in plan_.counters)]
-        bucket = math.floor(reservation.time)
         args: list[str | int] = [_fmt(now), reservation.request_id, 0, 0, len(plan_.counters), 0]
-        for counter in plan_.counters:
-            delta = settle_delta(counter, reservation, tokens, cost_micro_usd)
-            args += [counter.kind.value, delta, bucket, counter.ttl_seconds]
+        args += _settle_args(plan_.counters, reservation, tokens, cost_micro_usd)
         reply = await self._run(self._record, keys, args, later=True)
         try:
             return bool(int(reply[1]))
@@ -222,11 +219,7 @@ class RedisStore:
         args: list[str | int] = [_fmt(now), request_id, SEEN_TTL_SECONDS, AGG_TTL_SECONDS,
                                  len(counters), len(fields)]
         if reservation is not None:
-            bucket = math.floor(reservation.time)
-            tokens, cost = usage.totals.tokens, usage.totals.cost_micro_usd
-            for counter in counters:
-                args += [counter.kind.value, settle_delta(counter, reservation, tokens, cost), bucket,
-                         counter.ttl_seconds]
+            args += _settle_args(counters, reservation, usage.totals.tokens, usage.totals.cost_micro_usd)
         for name, value in fields:
             args += [name, value]
         reply = await self._run(self._record, keys, args, later=True)
@@ -493,6 +486,17 @@ class _PyClient:
 
 LEDGER_STREAM = "ledger"
 # Stored virtual keys: two hashes sharing one hash tag, digest -> key record and id -> digest.
+def _settle_args(counters: tuple[Counter, ...], reservation: Reservation, tokens: int,
+                 cost_micro_usd: int) -> list[str | int]:
+    """record.lua's per-counter arguments for settling a reservation: kind, delta, bucket, ttl."""
+    bucket = math.floor(reservation.time)
+    args: list[str | int] = []
+    for counter in counters:
+        args += [counter.kind.value, settle_delta(counter.measure, reservation, tokens, cost_micro_usd), bucket,
+                 counter.ttl_seconds]
+    return args
+
+
 _KEYS_BY_DIGEST = "{keys}:by-digest"
 _KEYS_BY_ID = "{keys}:by-id"
 
