@@ -7,15 +7,19 @@ import asyncio
 import logging
 import math
 import random
+import uuid
 from collections import deque
 
 import pytest
 from prometheus_client import CollectorRegistry
+from redisproc import RedisProc
 
 from proxy.metrics import Metrics
 from proxy.quota.history import _HISTORY_MIN_SAMPLES, _HISTORY_SIZE, _HISTORY_SUBJECTS, _PERCENTILE
 from proxy.quota.history import History as _History
 from proxy.quota.memory import _SWEEP_SLICE, MemoryStore
+from proxy.quota.redis_store import RedisStore
+from proxy.quota.resp import pack
 from proxy.quota.store import Admission, AggregateDelta, Decision, Limit, LimitName, Totals
 from proxy.services import Tracker
 
@@ -68,6 +72,72 @@ def test_fast_admission_decides_and_counts_as_the_general_path(seed: int) -> Non
             assert fast.settle_and_record_now(da.reservation, usage, now) == slow.settle_and_record_now(
                 db.reservation, usage, now)
         assert _state(fast) == _state(slow)
+
+
+async def _dump(store: RedisStore, prefix: str) -> dict[str, object]:
+    """Every key under `prefix` (prefix taken off) with its value, for comparing two stores."""
+    conn = store._resp
+    assert conn is not None
+    out: dict[str, object] = {}
+    for key in sorted(await conn.call(pack(("KEYS", prefix + "*")))):
+        kind = await conn.call(pack(("TYPE", key)))
+        if kind == b"hash":
+            value: object = sorted(await conn.call(pack(("HGETALL", key))))
+        elif kind == b"zset":
+            value = await conn.call(pack(("ZRANGE", key, 0, -1, "WITHSCORES")))
+        elif kind == b"set":
+            value = sorted(await conn.call(pack(("SMEMBERS", key))))
+        else:
+            value = await conn.call(pack(("GET", key)))
+        out[key.decode()[len(prefix):]] = value
+    return out
+
+
+@pytest.mark.parametrize("seed", range(3))
+async def test_redis_direct_admission_decides_and_counts_as_the_general_path(redis_server: RedisProc,
+                                                                            seed: int) -> None:
+    rng = random.Random(seed)
+    run = uuid.uuid4().hex[:8]
+    fast, slow = RedisStore(redis_server.url, prefix=f"f{run}:"), RedisStore(redis_server.url, prefix=f"s{run}:")
+    slow._admit_direct = lambda layout, admission, seen: None  # type: ignore[method-assign]
+    await fast.start()
+    await slow.start()
+    limit_sets = [
+        (Limit("user:al", LimitName.RPM, 5), Limit("user:al", LimitName.TPM, 3000)),
+        (Limit("user:al", LimitName.TOKENS_PER_DAY, 20_000), Limit("user:al", LimitName.USD_PER_DAY, 90_000),
+         Limit("team:a", LimitName.USD_PER_MONTH, 400_000), Limit("user:al", LimitName.RPM, 8, False)),
+        (Limit("user:al", LimitName.RPM, 6), Limit("user:al", LimitName.RPM, 4, False),
+         Limit("user:al", LimitName.MAX_CONCURRENT, 3)),  # leases: the direct path handles them too
+        (Limit("user:al", LimitName.TPM, 2000), Limit("user:al", LimitName.TPM, 2000)),  # one counter, twice
+    ]
+    now = T0
+    live: list[tuple[Decision, Decision]] = []
+    direct = 0
+    try:
+        for i in range(150):
+            now += rng.choice((0.0, 0.3, 1.0, 7.0, 61.0)) if rng.random() < 0.3 else 0.05
+            day = "2030-03-17" if now < T0 + 1800 else "2030-03-18"
+            limits = rng.choice(limit_sets)
+            rid = f"r{i}" if rng.random() > 0.05 or i == 0 else f"r{i - 1}"  # now and then a retried id
+            adm = Admission(rid, TAG, limits, rng.choice((0, 10, 400, 1500)), rng.choice((0, 1000, 30_000)), now,
+                            day, "2030-03")
+            a, b = await fast.admit(adm), await slow.admit(adm)
+            assert a == b
+            direct += a.admitted and not a.shadow_denied
+            if a.admitted:
+                live.append((a, b))
+            if live and rng.random() < 0.5:
+                da, db = live.pop(rng.randrange(len(live)))
+                assert da.reservation is not None and db.reservation is not None
+                tokens, cost = rng.choice((0, 5, 900, 5000)), rng.choice((0, 700, 50_000))
+                usage = AggregateDelta(f"e{i}", TAG, day, "al", "a", "m", Totals(1, tokens, 0, 0, 0, 0, cost))
+                assert await fast.settle_and_record(da.reservation, usage, now) == \
+                    await slow.settle_and_record(db.reservation, usage, now)
+        assert await _dump(fast, f"f{run}:") == await _dump(slow, f"s{run}:")
+        assert direct > 20  # the direct path was taken, not only the general one
+    finally:
+        await fast.close()
+        await slow.close()
 
 
 def test_fast_admission_refuses_negative_amounts_like_the_general_path() -> None:

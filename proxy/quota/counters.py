@@ -320,6 +320,7 @@ def seen_key(tag: str, event_id: str) -> str:
     return f"{hash_tag(tag)}:seen:{event_id}"
 
 
+@lru_cache(maxsize=262_144)  # per subject and day, asked at every settle: json.dumps costs more than a lookup
 def aggregate_key(tag: str, day: str, user: str, team: str | None) -> str:
     """The hash of one (day, user, team), under the admission's hash tag (JSON keeps it unambiguous)."""
     return f"{hash_tag(tag)}:agg:{day}:" + json.dumps([user, team], separators=(",", ":"))
@@ -330,6 +331,7 @@ def index_key(day: str) -> str:
     return f"agg-index:{day}"
 
 
+@lru_cache(maxsize=262_144)
 def index_member(tag: str, user: str, team: str | None) -> str:
     return json.dumps([tag, user, team], separators=(",", ":"))
 

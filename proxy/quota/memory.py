@@ -9,7 +9,6 @@ from datetime import UTC, tzinfo
 from proxy.quota.counters import (
     MEMORY_SEEN_TTL_SECONDS,
     RECORD_TTL_SECONDS,
-    SHAPE_CACHE_MAX,
     WINDOW_SECONDS,
     Counter,
     CounterKind,
@@ -19,7 +18,6 @@ from proxy.quota.counters import (
     admission_plan,
     aggregate_field_names,
     aggregate_rows,
-    counter_shape,
     decide,
     fails,
     limit_states,
@@ -32,6 +30,7 @@ from proxy.quota.counters import (
     window_free_at,
     window_view,
 )
+from proxy.quota.layout import CounterSlot, Layouts, Seen, passing_states
 from proxy.quota.store import (
     Admission,
     AggregateDelta,
@@ -93,9 +92,6 @@ def _sweep_slice(pending: list[str], expiries: dict[str, float], drop: Callable[
     del pending[-_SWEEP_SLICE:]
 
 
-# `_admit_fast`'s layout of a shape: per counter (is a window, measure, key, ttl); per limit (the
-# limit, its counter's index, the end of its period or None for a window).
-_FastShape = tuple[tuple[tuple[bool, Measure, str, int], ...], tuple[tuple[Limit, int, float | None], ...]]
 
 
 class MemoryStore:
@@ -122,7 +118,7 @@ class MemoryStore:
         self._seen: dict[str, float] = {}
         self._seen_order: deque[str] = deque()
         self._keys: dict[str, StoredKey] = {}  # digest -> key created through the admin API
-        self._fast: dict[tuple[int, str, str, str, float], tuple[tuple[Limit, ...], _FastShape | None]] = {}
+        self._layouts = Layouts(tz)
 
     @property
     def bounds_own_calls(self) -> bool:
@@ -147,94 +143,61 @@ class MemoryStore:
         decision = self._admit_fast(admission)
         return decision if decision is not None else self._admit(admission)
 
-    def _fast_shape(self, admission: Admission) -> _FastShape | None:
-        """The admission's counters and limits laid out for `_admit_fast`; None when a limit
-        needs leases (concurrency), which the general path handles."""
-        limits = admission.limits
-        key = (id(limits), admission.tag, admission.day, admission.month, admission.lease_seconds)
-        hit = self._fast.get(key)
-        if hit is not None and hit[0] is limits:
-            return hit[1]
-        counters, slots = counter_shape(limits, admission.tag, admission.day, admission.month, admission.lease_seconds)
-        shape: _FastShape | None = None
-        if all(kind is not CounterKind.LEASES for kind, _, _, _ in counters):
-            periods = Periods.of(admission.day, admission.month, self._tz)
-            shape = (
-                tuple((kind is CounterKind.WINDOW, measure, key, ttl) for kind, measure, key, ttl in counters),
-                tuple((lim, slot, None if counters[slot][0] is CounterKind.WINDOW else periods.end(lim.name))
-                      for lim, slot in zip(limits, slots, strict=True)),
-            )
-        if len(self._fast) >= SHAPE_CACHE_MAX:
-            self._fast.clear()
-        self._fast[key] = (limits, shape)
-        return shape
-
     def _admit_fast(self, admission: Admission) -> Decision | None:
         """The common case without Counter, Plan or view objects: window and period counters only,
         a new request id, every limit passing. None: anything else, for the general path (which
         then sees the same counters: expiring them here first changes nothing it reads)."""
-        shape = self._fast_shape(admission)
-        if shape is None:
-            return None
+        layout = self._layouts.get(admission.limits, admission.tag, admission.day, admission.month,
+                                   admission.lease_seconds)
+        if layout.leases:
+            return None  # concurrency leases: the general path
         now = admission.now
         record = record_key(admission.tag, admission.request_id)
         if record in self._records:  # a retried request id (or one whose record expired): general path
             return None
-        counters, limits = shape
         tokens, cost = admission.tokens, admission.cost_micro_usd
         if tokens < 0 or cost < 0:
             return None  # the general path raises
-        seen = self._fast_views(counters, tokens, cost, now)
+        seen = self._fast_views(layout.counters, tokens, cost, now)
+        states = passing_states(layout.checks, seen, now)
+        if states is None:
+            return None  # refused or shadow-refused: the general path says which and why
         second = math.floor(now)
-        states = []
-        for lim, slot, end in limits:
-            used, oldest, amount = seen[slot]
-            if used + amount > lim.value:
-                return None  # refused or shadow-refused: the general path says which and why
-            if amount > 0:
-                used += amount
-                oldest = second if oldest is None or second < oldest else oldest
-            # `reset_seconds` (max() spelled out: a builtin call each costs more than the rest)
-            reset = end - now if end is not None else (
-                0.0 if used <= 0 or oldest is None else oldest + WINDOW_SECONDS - now)
-            left = lim.value - used
-            states.append(LimitState(lim, used, left if left > 0 else 0, reset if reset > 0.0 else 0.0))
         windows, periods, expires = self._windows, self._periods, self._expires
-        for (is_window, _, key, ttl), (_, _, amount) in zip(counters, seen, strict=True):
-            if amount == 0:
+        for (kind, _, key, ttl), (_, _, added) in zip(layout.counters, seen, strict=True):
+            if added == 0:
                 continue
-            if is_window:
+            if kind is CounterKind.WINDOW:
                 window = windows.get(key)
                 if window is None:
                     window = windows[key] = _Window()
-                window.add(second, amount)
+                window.add(second, added)
             else:
-                periods[key] = periods.get(key, 0) + amount
+                periods[key] = periods.get(key, 0) + added
             expires[key] = now + ttl
         self._records[record] = now + max(RECORD_TTL_SECONDS, admission.lease_seconds * 2)
         return Decision(True, reservation_of(admission), tuple(states), None, 0.0, ())
 
-    def _fast_views(self, counters: tuple[tuple[bool, Measure, str, int], ...], tokens: int, cost: int,
-                    now: float) -> list[tuple[int, int | None, int]]:
+    def _fast_views(self, counters: tuple[CounterSlot, ...], tokens: int, cost: int, now: float) -> list[Seen]:
         """Per counter: (used, oldest window bucket, what this admission adds), as `_view` sees it."""
         expires, windows, periods = self._expires, self._windows, self._periods
         low = math.floor(now) - WINDOW_SECONDS + 1
-        seen: list[tuple[int, int | None, int]] = []
-        for is_window, measure, key, _ in counters:
-            amount = tokens if measure is Measure.TOKENS else cost if measure is Measure.MONEY else 1
+        seen: list[Seen] = []
+        for kind, measure, key, _ in counters:
+            added = tokens if measure is Measure.TOKENS else cost if measure is Measure.MONEY else 1
             expiry = expires.get(key)
             if expiry is not None and expiry <= now:
                 self._drop(key)
-                seen.append((0, None, amount))
-            elif is_window:
+                seen.append((0, None, added))
+            elif kind is CounterKind.WINDOW:
                 window = windows.get(key)
                 if window is None:
-                    seen.append((0, None, amount))
+                    seen.append((0, None, added))
                 else:
                     window.expire(low)
-                    seen.append((window.total, next(iter(window.buckets)) if window.buckets else None, amount))
+                    seen.append((window.total, next(iter(window.buckets)) if window.buckets else None, added))
             else:
-                seen.append((periods.get(key, 0), None, amount))
+                seen.append((periods.get(key, 0), None, added))
         return seen
 
     def _admit(self, admission: Admission) -> Decision:
@@ -266,10 +229,10 @@ class MemoryStore:
         expiry = self._records.pop(key, None)
         if expiry is None or expiry <= now:
             return False
-        # The reservation's counters from their cached shape (no Counter objects): what
+        # The reservation's counters from their cached layout (no Counter objects): what
         # `reservation_plan` gives.
-        shape, _ = counter_shape(reservation.limits, reservation.tag, reservation.day, reservation.month, 600.0)
-        for kind, measure, key, ttl in shape:
+        layout = self._layouts.get(reservation.limits, reservation.tag, reservation.day, reservation.month, 600.0)
+        for kind, measure, key, ttl in layout.counters:
             self._adjust(kind, key, ttl, reservation, settle_delta(measure, reservation, tokens, cost_micro_usd), now)
         return True
 

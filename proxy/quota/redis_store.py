@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import math
 from collections.abc import Awaitable, Sequence
 from datetime import UTC, tzinfo
 from importlib import resources
@@ -20,7 +19,6 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from proxy.errors import StoreError
 from proxy.quota.counters import (
     AGG_TTL_SECONDS,
-    RECORD_TTL_SECONDS,
     SEEN_TTL_SECONDS,
     Counter,
     CounterKind,
@@ -39,11 +37,12 @@ from proxy.quota.counters import (
     plan,
     record_key,
     replayed_decision,
-    reservation_plan,
+    reservation_of,
     seen_key,
-    settle_delta,
     window_view,
 )
+from proxy.quota.layout import Layouts, Seen, passing_states
+from proxy.quota.redis_direct import ScriptLayout, admit_args, read_admit_reply, settle_args
 from proxy.quota.resp import Arg, Endpoint, NoScript, RespClient, endpoint_from_url, pack
 from proxy.quota.store import (
     Admission,
@@ -123,7 +122,8 @@ class RedisStore:
         self._connecting = asyncio.Lock()  # a burst before the first connect opens one client
         self._admit = _Script("admit.lua")
         self._record = _Script("record.lua")
-        self._indexed: set[tuple[str, str]] = set()  # (day, member) this process put in a day index
+        self._indexed: set[tuple[str, str]] = set()
+        self._layouts = Layouts(tz, prefix, ScriptLayout)  # (day, member) this process put in a day index
 
     @property
     def bounds_own_calls(self) -> bool:
@@ -152,44 +152,50 @@ class RedisStore:
             return False
 
     async def admit(self, admission: Admission) -> Decision:
-        periods = Periods.of(admission.day, admission.month, self._tz)
-        plan_ = admission_plan(admission)
-        keys = [self._key(record_key(admission.tag, admission.request_id))]
-        keys += [self._key(c.key) for c in plan_.counters]
-        record_ttl = max(RECORD_TTL_SECONDS, math.ceil(admission.lease_seconds * 2))
-        args: list[str | int] = [
-            _fmt(admission.now), admission.request_id, record_ttl,
-            _fmt(admission.now + admission.lease_seconds),
-            len(plan_.counters), len(admission.limits),
-        ]
-        for counter in plan_.counters:
-            args += [counter.kind.value, counter.amount, counter.ttl_seconds]
-        for limit, slot in zip(admission.limits, plan_.slots, strict=True):
-            args += [slot + 1, limit.value, int(limit.enforce)]
+        if admission.tokens < 0 or admission.cost_micro_usd < 0:
+            raise ValueError("an admission cannot reserve negative tokens or cost")
+        layout = self._layout(admission.limits, admission.tag, admission.day, admission.month, admission.lease_seconds)
+        args, added = admit_args(layout, admission)
+        keys = [self._key(record_key(admission.tag, admission.request_id)), *layout.keys]
         reply = await self._run(self._admit, keys, args)
         try:
-            admitted_flag, used, oldest, free_at, replayed = reply
-            views = tuple(CounterView(int(u), None if int(o) < 0 else int(o))
-                          for u, o in zip(used, oldest, strict=True))
-            frees = tuple(None if int(f) < 0 else int(f) for f in free_at)
+            admitted, seen, frees, replayed = read_admit_reply(reply, added)
         except (TypeError, ValueError) as exc:
             raise StoreError(f"admit.lua answered {reply!r}") from exc
-        if int(replayed):
+        if admitted and not replayed:
+            decision = self._admit_direct(layout, admission, seen)
+            if decision is not None:
+                return decision
+        # Refused, shadow-refused or replayed: the general path says which and why.
+        periods = Periods.of(admission.day, admission.month, self._tz)
+        plan_ = admission_plan(admission)
+        views = tuple(CounterView(used, oldest) for used, oldest, _ in seen)
+        if replayed:
             return replayed_decision(admission, plan_, views, periods)
         decision = decide(admission, plan_, views, frees, periods)
-        if decision.admitted != bool(int(admitted_flag)):
+        if decision.admitted != admitted:
             raise StoreError("admit.lua and the client disagree on the decision")
         return decision
 
+    def _admit_direct(self, layout: ScriptLayout, admission: Admission, seen: list[Seen]) -> Decision | None:
+        """The admitted decision when every limit passed, without the general path's objects."""
+        states = passing_states(layout.checks, seen, admission.now)
+        if states is None:
+            return None
+        return Decision(True, reservation_of(admission), tuple(states), None, 0.0, ())
+
+    def _layout(self, limits: tuple[Limit, ...], tag: str, day: str, month: str, lease_seconds: float) -> ScriptLayout:
+        return cast(ScriptLayout, self._layouts.get(limits, tag, day, month, lease_seconds))
+
     async def settle(self, reservation: Reservation, tokens: int, cost_micro_usd: int,
                      now: float) -> bool:
-        plan_ = reservation_plan(reservation)
+        layout = self._layout(reservation.limits, reservation.tag, reservation.day, reservation.month, 600.0)
         record = self._key(record_key(reservation.tag, reservation.request_id))
         # record.lua with no seen marker and no aggregate fields is the plain settle; the record
         # key stands in for the two keys it then does not touch (same hash tag).
-        keys = [record, record, record, *(self._key(c.key) for c in plan_.counters)]
-        args: list[str | int] = [_fmt(now), reservation.request_id, 0, 0, len(plan_.counters), 0]
-        args += _settle_args(plan_.counters, reservation, tokens, cost_micro_usd)
+        keys = [record, record, record, *layout.keys]
+        args: list[str | int] = [_fmt(now), reservation.request_id, 0, 0, len(layout.keys), 0]
+        args += settle_args(layout, reservation, tokens, cost_micro_usd)
         reply = await self._run(self._record, keys, args, later=True)
         try:
             return bool(int(reply[1]))
@@ -209,17 +215,17 @@ class RedisStore:
         if reservation is not None and reservation.tag != usage.tag:
             raise ValueError("a usage event must carry its reservation's hash tag")
         listed = await self._index(usage)
-        counters = reservation_plan(reservation).counters if reservation is not None else ()
         request_id = reservation.request_id if reservation is not None else usage.event_id
         keys = [self._key(seen_key(usage.tag, usage.event_id)),
                 self._key(record_key(usage.tag, request_id)),
                 self._key(aggregate_key(usage.tag, usage.day, usage.user, usage.team))]
-        keys += [self._key(c.key) for c in counters]
         fields = aggregate_fields(usage)
-        args: list[str | int] = [_fmt(now), request_id, SEEN_TTL_SECONDS, AGG_TTL_SECONDS,
-                                 len(counters), len(fields)]
+        args: list[str | int] = [_fmt(now), request_id, SEEN_TTL_SECONDS, AGG_TTL_SECONDS, 0, len(fields)]
         if reservation is not None:
-            args += _settle_args(counters, reservation, usage.totals.tokens, usage.totals.cost_micro_usd)
+            layout = self._layout(reservation.limits, reservation.tag, reservation.day, reservation.month, 600.0)
+            keys += layout.keys
+            args[4] = len(layout.keys)
+            args += settle_args(layout, reservation, usage.totals.tokens, usage.totals.cost_micro_usd)
         for name, value in fields:
             args += [name, value]
         reply = await self._run(self._record, keys, args, later=True)
@@ -486,17 +492,6 @@ class _PyClient:
 
 LEDGER_STREAM = "ledger"
 # Stored virtual keys: two hashes sharing one hash tag, digest -> key record and id -> digest.
-def _settle_args(counters: tuple[Counter, ...], reservation: Reservation, tokens: int,
-                 cost_micro_usd: int) -> list[str | int]:
-    """record.lua's per-counter arguments for settling a reservation: kind, delta, bucket, ttl."""
-    bucket = math.floor(reservation.time)
-    args: list[str | int] = []
-    for counter in counters:
-        args += [counter.kind.value, settle_delta(counter.measure, reservation, tokens, cost_micro_usd), bucket,
-                 counter.ttl_seconds]
-    return args
-
-
 _KEYS_BY_DIGEST = "{keys}:by-digest"
 _KEYS_BY_ID = "{keys}:by-id"
 

@@ -1,0 +1,106 @@
+"""A subject's counters and limits laid out once for the stores' direct paths, and the limit states
+an admission leaves when every limit passes: the arithmetic both stores' direct paths share.
+
+The general path (`counters.decide`, with Counter, Plan and view objects) handles everything; the
+direct paths handle the common case (a new request id, every limit passing) without building those
+objects, and hand anything else to it. Both are checked against each other in the tests.
+"""
+from __future__ import annotations
+
+import math
+from datetime import tzinfo
+
+from proxy.quota.counters import (
+    LEASE_RETRY_SECONDS,
+    SHAPE_CACHE_MAX,
+    WINDOW_SECONDS,
+    CounterKind,
+    Measure,
+    counter_shape,
+    period_end,
+)
+from proxy.quota.store import Limit, LimitName, LimitState
+
+# Per counter: (kind, measure, key with the store's prefix, ttl seconds).
+CounterSlot = tuple[CounterKind, Measure, str, int]
+# Per limit: (limit, index of its counter, kind of that counter, end of its period, 0.0 for others).
+LimitCheck = tuple[Limit, int, CounterKind, float]
+# Per counter, as a direct path saw it: (used, oldest window bucket or None, what this admission adds).
+Seen = tuple[int, int | None, int]
+_LayoutKey = tuple[int, str, str, str, float]
+
+
+class Layout:
+    """One subject's counters and limit checks for one day, month and lease length."""
+
+    __slots__ = ("limits", "counters", "checks", "leases", "lease_seconds")
+
+    def __init__(self, limits: tuple[Limit, ...], counters: tuple[CounterSlot, ...],
+                 checks: tuple[LimitCheck, ...], lease_seconds: float) -> None:
+        self.limits = limits  # the tuple this was laid out for: the cache matches it by identity
+        self.counters = counters
+        self.checks = checks
+        self.leases = any(kind is CounterKind.LEASES for kind, _, _, _ in counters)
+        self.lease_seconds = lease_seconds
+
+
+class Layouts:
+    """A store's layouts, cached per (limits tuple, tag, day, month, lease). Keyed by identity: the
+    limit book hands out one tuple per subject, and hashing its Limits costs more than the layout.
+    Each entry holds its tuple, so the id cannot be reused while the entry lives. A store that
+    needs more per layout passes a subclass of `Layout` as `make`."""
+
+    def __init__(self, tz: tzinfo, prefix: str = "", make: type[Layout] = Layout) -> None:
+        self._tz = tz
+        self._prefix = prefix
+        self._make = make
+        self._cache: dict[_LayoutKey, Layout] = {}
+
+    def get(self, limits: tuple[Limit, ...], tag: str, day: str, month: str, lease_seconds: float) -> Layout:
+        key = (id(limits), tag, day, month, lease_seconds)
+        hit = self._cache.get(key)
+        if hit is not None and hit.limits is limits:
+            return hit
+        shape, slots = counter_shape(limits, tag, day, month, lease_seconds)
+        prefix = self._prefix
+        counters = tuple((kind, measure, prefix + key, ttl) for kind, measure, key, ttl in shape)
+        checks = tuple(
+            (lim, slot, shape[slot][0],
+             period_end(month if lim.name is LimitName.USD_PER_MONTH else day, self._tz)
+             if shape[slot][0] is CounterKind.PERIOD else 0.0)
+            for lim, slot in zip(limits, slots, strict=True))
+        layout = self._make(limits, counters, checks, lease_seconds)
+        if len(self._cache) >= SHAPE_CACHE_MAX:
+            self._cache.clear()
+        self._cache[key] = layout
+        return layout
+
+
+def amount(measure: Measure, tokens: int, cost_micro_usd: int) -> int:
+    """What one admission adds to a counter of `measure`."""
+    return tokens if measure is Measure.TOKENS else cost_micro_usd if measure is Measure.MONEY else 1
+
+
+def passing_states(checks: tuple[LimitCheck, ...], seen: list[Seen], now: float) -> list[LimitState] | None:
+    """Each limit's state once this admission is counted, as `counters.limit_states` gives it for an
+    admitted request; None if some limit (enforced or not) would go over, for the general path to
+    say which and why."""
+    second = math.floor(now)
+    states = []
+    for lim, slot, kind, end in checks:
+        used, oldest, added = seen[slot]
+        if used + added > lim.value:
+            return None
+        if added > 0:
+            used += added
+            oldest = second if oldest is None or second < oldest else oldest
+        # `counters.reset_seconds`, spelled out: a call per limit costs more than the rest
+        if kind is CounterKind.PERIOD:
+            reset = end - now
+        elif kind is CounterKind.WINDOW:
+            reset = 0.0 if used <= 0 or oldest is None else oldest + WINDOW_SECONDS - now
+        else:
+            reset = 0.0 if used < lim.value else LEASE_RETRY_SECONDS
+        left = lim.value - used
+        states.append(LimitState(lim, used, left if left > 0 else 0, reset if reset > 0.0 else 0.0))
+    return states
