@@ -20,7 +20,6 @@ from redisproc import RedisProc, free_port, start_redis
 from proxy.errors import StoreError
 from proxy.quota.redis_store import RedisStore
 from proxy.quota.resp import (
-    LINGER_SECONDS,
     ConnectionLost,
     Endpoint,
     NoScript,
@@ -295,38 +294,6 @@ async def test_closing_fails_calls_in_flight_without_retrying_them(own_server: R
         await store.close()
     assert (await store.admit(admission())).admitted  # a closed store connects again on use
     await store.close()
-
-
-async def test_later_commands_ride_behind_the_next_urgent_one_or_go_after_the_linger(
-        resp: RespClient) -> None:
-    key = f"t:{uuid.uuid4().hex}"
-    conn = await resp.connection()
-    # While a call is in flight, a later command waits: sent before the urgent GET of the same
-    # loop turn, it is written after it, so GET sees no INCR yet.
-    busy = conn.send(pack(("PING",)))
-    later = conn.send(pack(("INCR", key)), later=True)
-    assert await conn.send(pack(("GET", key))) is None
-    assert await busy == b"PONG" and await later == 1
-    # With a call written and its reply not read yet (the loop has not polled since), and
-    # nothing urgent after it, a later command goes once the linger is over.
-    in_flight = conn.send(pack(("PING",)))
-    await asyncio.sleep(0)  # this loop turn's write goes out
-    t0 = time.monotonic()
-    assert await conn.send(pack(("INCR", key)), later=True) == 2
-    assert time.monotonic() - t0 >= LINGER_SECONDS * 0.9
-    assert await in_flight == b"PONG"
-    # On an idle connection it goes at once, in this loop turn's write.
-    t0 = time.monotonic()
-    assert await resp.call_many([pack(("INCR", key)), pack(("GET", key))], later=True) == [3, b"3"]
-    assert time.monotonic() - t0 < LINGER_SECONDS
-
-
-async def test_closing_fails_later_commands_not_written_yet(resp: RespClient) -> None:
-    conn = await resp.connection()
-    queued = conn.send(pack(("PING",)), later=True)
-    conn.close()
-    with pytest.raises(StoreError):
-        await queued
 
 
 async def test_batches_get_replies_in_order_and_raise_their_first_error(resp: RespClient) -> None:

@@ -196,7 +196,7 @@ class RedisStore:
         keys = [record, record, record, *layout.keys]
         args: list[str | int] = [_fmt(now), reservation.request_id, 0, 0, len(layout.keys), 0]
         args += settle_args(layout, reservation, tokens, cost_micro_usd)
-        reply = await self._run(self._record, keys, args, later=True)
+        reply = await self._run(self._record, keys, args)
         try:
             return bool(int(reply[1]))
         except (TypeError, ValueError, IndexError) as exc:
@@ -228,7 +228,7 @@ class RedisStore:
             args += settle_args(layout, reservation, usage.totals.tokens, usage.totals.cost_micro_usd)
         for name, value in fields:
             args += [name, value]
-        reply = await self._run(self._record, keys, args, later=True)
+        reply = await self._run(self._record, keys, args)
         try:
             recorded, created = bool(int(reply[0])), bool(int(reply[2]))
         except (TypeError, ValueError, IndexError) as exc:
@@ -300,7 +300,7 @@ class RedisStore:
         write, and is not retried here: the ledger retries a failed batch whole."""
         stream = self._key(LEDGER_STREAM)
         await self._commands([("XADD", stream, "MAXLEN", "~", maxlen, "*", "event", event)
-                              for event in events], "stream write", retry=False, later=True)
+                              for event in events], "stream write", retry=False)
 
     def stream_key(self) -> str:
         return self._key(LEDGER_STREAM)
@@ -322,8 +322,7 @@ class RedisStore:
         replies = await self._commands(commands, "usage read")
         return tuple(_view(c, r, now) for c, r in zip(plan_.counters, replies, strict=True))
 
-    async def _commands(self, commands: list[Command], what: str, *, retry: bool = True,
-                        later: bool = False) -> list[Any]:
+    async def _commands(self, commands: list[Command], what: str, *, retry: bool = True) -> list[Any]:
         """Commands sent together (one pipeline), their replies in order; any failure is a
         `StoreError` naming `what`. `retry`: once more if the connection closed under them (the
         lean connection; redis-py has its own retry policy)."""
@@ -332,13 +331,12 @@ class RedisStore:
             return []
         try:
             if isinstance(conn, RespClient):
-                return await conn.call_many([pack(c) for c in commands], retry=retry, later=later)
+                return await conn.call_many([pack(c) for c in commands], retry=retry)
             return await conn.run(commands)
         except StoreError as exc:
             raise StoreError(f"redis {what} failed: {exc}") from exc
 
-    async def _run(self, script: _Script, keys: list[str], args: list[str | int], later: bool = False) -> Any:
-        """`later`: no client waits on the reply (settles), so it may share the next write."""
+    async def _run(self, script: _Script, keys: list[str], args: list[str | int]) -> Any:
         resp = self._resp
         if resp is None:
             conn = await self._connect()
@@ -346,10 +344,10 @@ class RedisStore:
                 return await conn.script(script, keys, args)
             resp = conn
         try:
-            return await resp.call(pack(("EVALSHA", script.sha, len(keys), *keys, *args)), later)
+            return await resp.call(pack(("EVALSHA", script.sha, len(keys), *keys, *args)))
         except NoScript:
             # Redis restarted or failed over and lost its script cache: EVAL reloads it.
-            return await resp.call(pack(("EVAL", script.source, len(keys), *keys, *args)), later)
+            return await resp.call(pack(("EVAL", script.source, len(keys), *keys, *args)))
 
     async def _connect(self) -> RespClient | _PyClient:
         conn = self._resp or self._py

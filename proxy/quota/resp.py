@@ -19,7 +19,6 @@ import hiredis
 from proxy.errors import StoreError
 
 Arg = str | bytes | int | float
-LINGER_SECONDS = 0.002  # the longest a `later` command waits for company
 
 
 class NoScript(StoreError):
@@ -81,62 +80,33 @@ class RespConnection(asyncio.Protocol):
     def __init__(self, timeout: float) -> None:
         self._timeout = timeout
         self._reader = hiredis.Reader()
-        self._waiting: deque[asyncio.Future[Any]] = deque()  # replies due, in write order
-        # Commands not written yet, with their futures: the urgent go out when this loop turn
-        # ends; the rest (`later`) ride along with them, or go after LINGER_SECONDS at most.
-        self._out: list[bytes] = []
-        self._out_futs: list[asyncio.Future[Any]] = []
-        self._later: list[bytes] = []
-        self._later_futs: list[asyncio.Future[Any]] = []
-        self._flush_due = False  # a flush is scheduled this loop turn
-        self._linger: asyncio.TimerHandle | None = None
+        self._waiting: deque[asyncio.Future[Any]] = deque()
+        self._out: list[bytes] = []  # commands of this loop turn, written together when it ends
         self._transport: asyncio.Transport | None = None
         self._loop = asyncio.get_running_loop()
         self._progress = 0.0  # loop time of the last reply, or when the queue last went non-empty
         self._watchdog: asyncio.TimerHandle | None = None
         self.closed = False
 
-    def send(self, payload: bytes, later: bool = False) -> asyncio.Future[Any]:
-        """`later`: nobody waits on the reply to answer a client (a settle, a ledger batch), so
-        while other calls are in flight the command may wait up to LINGER_SECONDS to share the
-        next write: each write and each read it saves is a system call, the larger part of a
-        Redis call's cost. On an idle connection it goes at once, as it would save nothing."""
+    def send(self, payload: bytes) -> asyncio.Future[Any]:
         fut = self._loop.create_future()
         if self._transport is None:  # closed, or not yet made
             fut.set_exception(ConnectionLost("redis connection is closed"))
             return fut
-        if later and (self._waiting or self._out):  # idle: nothing to wait for, it goes now
-            self._later.append(payload)
-            self._later_futs.append(fut)
-            if not self._flush_due and self._linger is None:
-                self._linger = self._loop.call_later(LINGER_SECONDS, self._flush)
-            return fut
-        self._out.append(payload)
-        self._out_futs.append(fut)
-        if not self._flush_due:  # one write (one syscall) per loop turn, not one per command
-            self._flush_due = True
-            self._loop.call_soon(self._flush)
-        return fut
-
-    def _flush(self) -> None:
-        self._flush_due = False
-        if self._linger is not None:
-            self._linger.cancel()
-            self._linger = None
-        out, futs = self._out, self._out_futs
-        if self._later:  # urgent commands first: Redis answers in write order
-            out += self._later
-            futs += self._later_futs
-            self._later, self._later_futs = [], []
-        if not out or self._transport is None:
-            return
-        self._out, self._out_futs = [], []
         if not self._waiting:
             self._progress = self._loop.time()
             if self._watchdog is None:
                 self._watchdog = self._loop.call_at(self._progress + self._timeout, self._check)
-        self._waiting.extend(futs)
-        self._transport.write(out[0] if len(out) == 1 else b"".join(out))
+        self._waiting.append(fut)
+        if not self._out:  # one write (one syscall) per loop turn, not one per command
+            self._loop.call_soon(self._flush)
+        self._out.append(payload)
+        return fut
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if self._transport is not None and out:
+            self._transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def close(self) -> None:
         """Not a `ConnectionLost`: calls cut off by a deliberate close are not retried."""
@@ -188,13 +158,9 @@ class RespConnection(asyncio.Protocol):
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
-        if self._linger is not None:
-            self._linger.cancel()
-            self._linger = None
-        pending = [*self._waiting, *self._out_futs, *self._later_futs]
-        self._waiting = deque()
-        self._out, self._out_futs, self._later, self._later_futs = [], [], [], []
-        for fut in pending:
+        waiting, self._waiting = self._waiting, deque()
+        self._out = []
+        for fut in waiting:
             if not fut.done():
                 fut.set_exception(exc)
         transport, self._transport = self._transport, None
@@ -251,33 +217,32 @@ class RespClient:
         self._opening: asyncio.Task[RespConnection] | None = None
         self._closed = False
 
-    async def call(self, payload: bytes, later: bool = False) -> Any:
-        """One command's reply; `later`: see `RespConnection.send`."""
+    async def call(self, payload: bytes) -> Any:
         conn = self._conn
         if conn is None or conn.closed:
             conn = await self.connection()
         try:
-            return await conn.send(payload, later)
+            return await conn.send(payload)
         except ConnectionLost:  # Redis closed it (restart, idle kill): once more, on a new one
             conn = await self.connection()
-            return await conn.send(payload, later)
+            return await conn.send(payload)
 
-    async def call_many(self, payloads: Sequence[bytes], *, retry: bool = True, later: bool = False) -> list[Any]:
+    async def call_many(self, payloads: Sequence[bytes], *, retry: bool = True) -> list[Any]:
         """Several commands in one write, their replies in order; `retry`: the whole batch once
         more if its connection closed under it (only for commands that are safe to repeat)."""
         try:
-            return await self._send_all(payloads, later)
+            return await self._send_all(payloads)
         except ConnectionLost:
             if not retry:
                 raise
-            return await self._send_all(payloads, later)
+            return await self._send_all(payloads)
 
-    async def _send_all(self, payloads: Sequence[bytes], later: bool) -> list[Any]:
+    async def _send_all(self, payloads: Sequence[bytes]) -> list[Any]:
         """Every reply is waited for before the first error is raised: none is left unretrieved."""
         conn = self._conn
         if conn is None or conn.closed:
             conn = await self.connection()
-        replies = await asyncio.gather(*[conn.send(p, later) for p in payloads], return_exceptions=True)
+        replies = await asyncio.gather(*[conn.send(p) for p in payloads], return_exceptions=True)
         failed = next((r for r in replies if isinstance(r, BaseException)), None)
         if failed is not None:
             raise failed
