@@ -82,14 +82,9 @@ def hash_tag(tag: str) -> str:
     return "{" + escaped + "}"
 
 
-@lru_cache(maxsize=262_144)
-def _base_key(tag: str, scope: str, name: str) -> str:
-    return f"{hash_tag(tag)}:{scope}:{name}"
-
-
 def counter_for(limit: Limit, tag: str, tokens: int, cost_micro_usd: int, day: str, month: str,
                 lease_seconds: float) -> Counter:
-    base = _base_key(tag, limit.scope, limit.name.value)
+    base = f"{hash_tag(tag)}:{limit.scope}:{limit.name.value}"  # built once per subject and day: shapes are cached
     name = limit.name
     if name is LimitName.RPM:
         return Counter(CounterKind.WINDOW, Measure.REQUESTS, base, 1, WINDOW_TTL_SECONDS)
@@ -114,12 +109,21 @@ SHAPE_CACHE_MAX = 262_144
 
 
 def counter_shape(limits: tuple[Limit, ...], tag: str, day: str, month: str, lease_seconds: float) -> _Shape:
-    """The distinct counters (without amounts) the limits touch, and each limit's counter: the
-    same for every admission of a subject in a day, so worked out once."""
+    """`build_shape`, cached for the general path (the stores' direct paths cache layouts instead)."""
     key = (id(limits), tag, day, month, lease_seconds)
     hit = _SHAPES.get(key)
     if hit is not None and hit[0] is limits:
         return hit[1]
+    shape = build_shape(limits, tag, day, month, lease_seconds)
+    if len(_SHAPES) >= SHAPE_CACHE_MAX:
+        _SHAPES.clear()
+    _SHAPES[key] = (limits, shape)
+    return shape
+
+
+def build_shape(limits: tuple[Limit, ...], tag: str, day: str, month: str, lease_seconds: float) -> _Shape:
+    """The distinct counters (without amounts) the limits touch, and each limit's counter: the
+    same for every admission of a subject in a day, so worked out once."""
     counters: list[Counter] = []
     index: dict[str, int] = {}
     slots: list[int] = []
@@ -129,11 +133,7 @@ def counter_shape(limits: tuple[Limit, ...], tag: str, day: str, month: str, lea
             index[counter.key] = len(counters)
             counters.append(counter)
         slots.append(index[counter.key])
-    shape = tuple((c.kind, c.measure, c.key, c.ttl_seconds) for c in counters), tuple(slots)
-    if len(_SHAPES) >= SHAPE_CACHE_MAX:
-        _SHAPES.clear()
-    _SHAPES[key] = (limits, shape)
-    return shape
+    return tuple((c.kind, c.measure, c.key, c.ttl_seconds) for c in counters), tuple(slots)
 
 
 def plan(limits: tuple[Limit, ...], tag: str, tokens: int, cost_micro_usd: int, day: str,

@@ -16,7 +16,7 @@ from proxy.quota.counters import (
     WINDOW_SECONDS,
     CounterKind,
     Measure,
-    counter_shape,
+    build_shape,
     period_end,
 )
 from proxy.quota.store import Limit, LimitName, LimitState
@@ -61,7 +61,7 @@ class Layouts:
         hit = self._cache.get(key)
         if hit is not None and hit.limits is limits:
             return hit
-        shape, slots = counter_shape(limits, tag, day, month, lease_seconds)
+        shape, slots = build_shape(limits, tag, day, month, lease_seconds)
         prefix = self._prefix
         counters = tuple((kind, measure, prefix + key, ttl) for kind, measure, key, ttl in shape)
         checks = tuple(
