@@ -136,13 +136,17 @@ def build_shape(limits: tuple[Limit, ...], tag: str, day: str, month: str, lease
     return tuple((c.kind, c.measure, c.key, c.ttl_seconds) for c in counters), tuple(slots)
 
 
+def amount_of(measure: Measure, tokens: int, cost_micro_usd: int) -> int:
+    """What one admission adds to a counter of `measure`."""
+    return tokens if measure is Measure.TOKENS else cost_micro_usd if measure is Measure.MONEY else 1
+
+
 def plan(limits: tuple[Limit, ...], tag: str, tokens: int, cost_micro_usd: int, day: str,
          month: str, lease_seconds: float = 600.0) -> Plan:
     shape, slots = counter_shape(limits, tag, day, month, lease_seconds)
     counters = []
     for kind, measure, key, ttl in shape:
-        amount = tokens if measure is Measure.TOKENS else cost_micro_usd if measure is Measure.MONEY else 1
-        counters.append(Counter(kind, measure, key, amount, ttl))
+        counters.append(Counter(kind, measure, key, amount_of(measure, tokens, cost_micro_usd), ttl))
     return Plan(tuple(counters), slots)
 
 

@@ -76,11 +76,6 @@ class Layouts:
         return layout
 
 
-def amount(measure: Measure, tokens: int, cost_micro_usd: int) -> int:
-    """What one admission adds to a counter of `measure`."""
-    return tokens if measure is Measure.TOKENS else cost_micro_usd if measure is Measure.MONEY else 1
-
-
 def passing_states(checks: tuple[LimitCheck, ...], seen: list[Seen], now: float) -> list[LimitState] | None:
     """Each limit's state once this admission is counted, as `counters.limit_states` gives it for an
     admitted request; None if some limit (enforced or not) would go over, for the general path to

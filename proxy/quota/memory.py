@@ -13,11 +13,11 @@ from proxy.quota.counters import (
     Counter,
     CounterKind,
     CounterView,
-    Measure,
     Periods,
     admission_plan,
     aggregate_field_names,
     aggregate_rows,
+    amount_of,
     decide,
     fails,
     limit_states,
@@ -90,8 +90,6 @@ def _sweep_slice(pending: list[str], expiries: dict[str, float], drop: Callable[
         if expiry is not None and expiry <= now:
             drop(key)
     del pending[-_SWEEP_SLICE:]
-
-
 
 
 class MemoryStore:
@@ -184,7 +182,7 @@ class MemoryStore:
         low = math.floor(now) - WINDOW_SECONDS + 1
         seen: list[Seen] = []
         for kind, measure, key, _ in counters:
-            added = tokens if measure is Measure.TOKENS else cost if measure is Measure.MONEY else 1
+            added = amount_of(measure, tokens, cost)
             expiry = expires.get(key)
             if expiry is not None and expiry <= now:
                 self._drop(key)

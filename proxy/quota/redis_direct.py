@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from proxy.quota.counters import RECORD_TTL_SECONDS, Measure, settle_delta
+from proxy.quota.counters import RECORD_TTL_SECONDS, Measure, amount_of, settle_delta
 from proxy.quota.layout import CounterSlot, Layout, LimitCheck, Seen
 from proxy.quota.store import Admission, Limit, Reservation
 
@@ -28,10 +28,10 @@ class ScriptLayout(Layout):
         self.kinds = tuple(kind.value for kind, _, _, _ in counters)  # plain str: no enum lookups per call
         self.record_ttl = max(RECORD_TTL_SECONDS, math.ceil(lease_seconds * 2))
         tail: Args = []  # per counter (kind, amount, ttl), then per limit (counter index, value, enforce)
-        amount_at: list[tuple[int, Measure]] = []  # (place in ARGV, measure): filled per admission
+        amount_at: list[tuple[int, int]] = []  # (place in ARGV, counter): filled per admission
         for i, (kind, measure, _, ttl) in enumerate(counters):
             if measure is Measure.TOKENS or measure is Measure.MONEY:
-                amount_at.append((_ADMIT_HEAD + 3 * i + 1, measure))
+                amount_at.append((_ADMIT_HEAD + 3 * i + 1, i))
             tail += [kind.value, 1, ttl]
         for lim, slot, _, _ in checks:
             tail += [slot + 1, lim.value, int(lim.enforce)]
@@ -45,9 +45,9 @@ def admit_args(layout: ScriptLayout, admission: Admission) -> tuple[Args, list[i
     now = float(admission.now)
     args: Args = [repr(now), admission.request_id, layout.record_ttl, repr(now + layout.lease_seconds),
                   len(layout.keys), len(layout.checks), *layout.admit_tail]
-    for at, measure in layout.amount_at:
-        args[at] = tokens if measure is Measure.TOKENS else cost
-    added = [tokens if m is Measure.TOKENS else cost if m is Measure.MONEY else 1 for _, m, _, _ in layout.counters]
+    added = [amount_of(measure, tokens, cost) for _, measure, _, _ in layout.counters]
+    for at, counter in layout.amount_at:
+        args[at] = added[counter]
     return args, added
 
 
