@@ -37,6 +37,17 @@ local n = tonumber(ARGV[5])
 local m = tonumber(ARGV[6])
 local sec_field = string.format('%d', second)
 
+-- A window's live buckets {second, amount}, oldest first: what frees room, and when.
+local function live_sorted(flat)
+  local live = {}
+  for f = 1, #flat, 2 do
+    local s, v = tonumber(flat[f]), tonumber(flat[f + 1])
+    if s >= low and v > 0 then live[#live + 1] = {s, v} end
+  end
+  table.sort(live, function(x, y) return x[1] < y[1] end)
+  return live
+end
+
 local kinds, amounts, ttls = {}, {}, {}
 local used, oldest, buckets = {}, {}, {}
 for i = 1, n do
@@ -46,20 +57,18 @@ for i = 1, n do
   local total, first = 0, -1
   if kinds[i] == 'w' then
     local flat = redis.call('HGETALL', key)
-    local stale, live = {}, {}
+    local stale = {}
     for f = 1, #flat, 2 do
       local s, v = tonumber(flat[f]), tonumber(flat[f + 1])
       if s < low then
         stale[#stale + 1] = flat[f]
       elseif v > 0 then
         total = total + v
-        live[#live + 1] = {s, v}
         if first < 0 or s < first then first = s end
       end
     end
     if #stale > 0 then redis.call('HDEL', key, unpack(stale)) end
-    table.sort(live, function(x, y) return x[1] < y[1] end)
-    buckets[i] = live
+    buckets[i] = flat  -- sorted by `live_sorted` only if a limit on it fails
   elseif kinds[i] == 'p' then
     total = tonumber(redis.call('GET', key) or '0')
   else
@@ -86,7 +95,7 @@ for j = 1, m do
     if enforce == '1' then admitted = 0 end
     if kinds[i] == 'w' and amount <= value then
       local need, freed = used[i] + amount - value, 0
-      for _, b in ipairs(buckets[i]) do
+      for _, b in ipairs(live_sorted(buckets[i])) do
         freed = freed + b[2]
         if freed >= need then free_at[j] = b[1]; break end
       end
