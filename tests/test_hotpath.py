@@ -93,8 +93,8 @@ async def _dump(store: RedisStore, prefix: str) -> dict[str, object]:
     return out
 
 
-@pytest.mark.parametrize("seed", range(3))
-async def test_redis_direct_admission_decides_and_counts_as_the_general_path(redis_server: RedisProc,
+@pytest.mark.parametrize("seed", range(8))
+async def test_redis_direct_admission_decides_and_counts_as_the_general_path_and_the_memory_store(redis_server: RedisProc,
                                                                             seed: int) -> None:
     rng = random.Random(seed)
     run = uuid.uuid4().hex[:8]
@@ -110,8 +110,9 @@ async def test_redis_direct_admission_decides_and_counts_as_the_general_path(red
          Limit("user:al", LimitName.MAX_CONCURRENT, 3)),  # leases: the direct path handles them too
         (Limit("user:al", LimitName.TPM, 2000), Limit("user:al", LimitName.TPM, 2000)),  # one counter, twice
     ]
+    memory = MemoryStore()  # the reference: the same decisions from counters kept in Python
     now = T0
-    live: list[tuple[Decision, Decision]] = []
+    live: list[tuple[Decision, Decision, Decision]] = []
     direct = 0
     try:
         for i in range(150):
@@ -121,23 +122,51 @@ async def test_redis_direct_admission_decides_and_counts_as_the_general_path(red
             rid = f"r{i}" if rng.random() > 0.05 or i == 0 else f"r{i - 1}"  # now and then a retried id
             adm = Admission(rid, TAG, limits, rng.choice((0, 10, 400, 1500)), rng.choice((0, 1000, 30_000)), now,
                             day, "2030-03")
-            a, b = await fast.admit(adm), await slow.admit(adm)
+            a, b, c = await fast.admit(adm), await slow.admit(adm), memory.admit_now(adm)
             assert a == b
+            assert a == c
             direct += a.admitted and not a.shadow_denied
-            if a.admitted:
-                live.append((a, b))
+            if a.admitted and all(rid != d[0].reservation.request_id for d in live if d[0].reservation):
+                live.append((a, b, c))  # a replayed admission is the same reservation: settled once
             if live and rng.random() < 0.5:
-                da, db = live.pop(rng.randrange(len(live)))
-                assert da.reservation is not None and db.reservation is not None
+                da, db, dc = live.pop(rng.randrange(len(live)))
+                assert da.reservation is not None and db.reservation is not None and dc.reservation is not None
                 tokens, cost = rng.choice((0, 5, 900, 5000)), rng.choice((0, 700, 50_000))
                 usage = AggregateDelta(f"e{i}", TAG, day, "al", "a", "m", Totals(1, tokens, 0, 0, 0, 0, cost))
                 assert await fast.settle_and_record(da.reservation, usage, now) == \
-                    await slow.settle_and_record(db.reservation, usage, now)
+                    await slow.settle_and_record(db.reservation, usage, now) == \
+                    memory.settle_and_record_now(dc.reservation, usage, now)
         assert await _dump(fast, f"f{run}:") == await _dump(slow, f"s{run}:")
         assert direct > 20  # the direct path was taken, not only the general one
     finally:
         await fast.close()
         await slow.close()
+
+
+async def test_redis_window_without_a_running_total_is_summed_once_in_full(redis_server: RedisProc) -> None:
+    prefix = f"o{uuid.uuid4().hex[:8]}:"
+    store = RedisStore(redis_server.url, prefix=prefix)
+    await store.start()
+    assert store._resp is not None
+    call = store._resp.call
+    key, second = prefix + "{team-a}:user:al:tpm", math.floor(T0)
+    tpm = (Limit("user:al", LimitName.TPM, 1000),)
+    try:
+        # As a version without running totals left it: buckets only, one already out of the window.
+        await call(pack(("HSET", key, second - 70, 500, second - 30, 300, second - 5, 200)))
+        first = await store.admit(Admission("r1", TAG, tpm, 100, 0, T0, "2030-03-17", "2030-03"))
+        assert first.admitted and first.states[0].used == 600  # 300 + 200 + this 100
+        assert first.states[0].reset_seconds == pytest.approx(second - 30 + 60 - T0)  # the oldest live bucket
+        fields = await call(pack(("HGETALL", key)))
+        assert dict(zip(fields[::2], fields[1::2], strict=True)) == {
+            str(second - 30).encode(): b"300", str(second - 5).encode(): b"200", str(second).encode(): b"100",
+            b"t": b"600", b"o": str(second - 30).encode()}
+        # From the running total on: 31 s later the 300 has left, and 500 more does not fit.
+        refused = await store.admit(Admission("r2", TAG, tpm, 800, 0, T0 + 31, "2030-03-17", "2030-03"))
+        assert not refused.admitted and refused.states[0].used == 300  # 200 + 100
+        assert refused.retry_after_seconds == pytest.approx(second - 5 + 60 - (T0 + 31))  # when the 200 leaves
+    finally:
+        await store.close()
 
 
 def test_fast_admission_refuses_negative_amounts_like_the_general_path() -> None:

@@ -333,8 +333,8 @@ class MemoryStore:
             if window is None:
                 window = self._windows[key] = _Window()
             window.add(second, delta)
-            if not live or key not in self._expires:
-                self._expires[key] = now + ttl
+            if not live or key not in self._expires or delta > 0:  # what it added must outlive the window
+                self._expires[key] = max(self._expires.get(key, now), now + ttl)
             return
         if not live or key not in self._periods:
             if delta < 0:

@@ -590,6 +590,6 @@ def _hash(reply: Any) -> dict[Any, Any]:
 
 def _view(counter: Counter, reply: Any, now: float) -> CounterView:
     if counter.kind is CounterKind.WINDOW:
-        buckets = {int(s): int(v) for s, v in _hash(reply).items()}
+        buckets = {int(s): int(v) for s, v in _hash(reply).items() if s.isdigit()}  # not 't' or 'o'
         return window_view(buckets, now)
     return CounterView(int(reply or 0))

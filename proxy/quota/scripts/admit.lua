@@ -15,9 +15,12 @@ ARGV[6]  m             limits
 then n triples, one per counter:  kind ("w" window | "p" period | "l" leases), amount, ttl seconds
 then m triples, one per limit:    counter index (1-based), value, enforce ("1" | "0")
 
-Counters: "w" a hash of one-second buckets (field = unix second, value = amount) summed over the
-60 buckets [floor(now)-59, ...]; "p" a plain integer; "l" a sorted set request_id -> expiry whose
-expired members are dropped here.
+Counters: "w" a hash of one-second buckets (field = unix second, value = amount, always > 0)
+summed over the 60 buckets [floor(now)-59, ...], with two more fields: 't', the sum of every
+bucket in the hash, and 'o', a second no bucket is older than. So an admission reads those two
+and drops only the seconds that left the window, instead of summing every bucket each time; a
+window without them (new, or written by an older version) is summed once in full. "p" a plain
+integer; "l" a sorted set request_id -> expiry whose expired members are dropped here.
 
 Idempotent per request_id: if the reservation record already exists, this is a client retry of
 an admission that went through (a reply lost to a timeout), so nothing is checked or written
@@ -37,38 +40,89 @@ local n = tonumber(ARGV[5])
 local m = tonumber(ARGV[6])
 local sec_field = string.format('%d', second)
 
+local FULL_PASS_AFTER = 180  -- seconds between 'o' and the window's start past which one full pass is cheaper
+
 -- A window's live buckets {second, amount}, oldest first: what frees room, and when.
-local function live_sorted(flat)
-  local live = {}
+local function live_sorted(key)
+  local flat, live = redis.call('HGETALL', key), {}
   for f = 1, #flat, 2 do
-    local s, v = tonumber(flat[f]), tonumber(flat[f + 1])
-    if s >= low and v > 0 then live[#live + 1] = {s, v} end
+    local s = tonumber(flat[f])  -- nil for 't' and 'o'
+    if s and s >= low then live[#live + 1] = {s, tonumber(flat[f + 1])} end
   end
   table.sort(live, function(x, y) return x[1] < y[1] end)
   return live
 end
 
+-- A window summed in full: drops what left it, sets 't' and 'o'. Returns (used, oldest or -1).
+local function window_full(key)
+  local flat = redis.call('HGETALL', key)
+  local stale, total, first = {}, 0, -1
+  for f = 1, #flat, 2 do
+    local s = tonumber(flat[f])
+    if s and s < low then
+      stale[#stale + 1] = flat[f]
+    elseif s then
+      total = total + tonumber(flat[f + 1])
+      if first < 0 or s < first then first = s end
+    end
+  end
+  if #stale > 0 then redis.call('HDEL', key, unpack(stale)) end
+  if first < 0 then
+    redis.call('HDEL', key, 't', 'o')
+  else
+    redis.call('HSET', key, 't', total, 'o', first)
+  end
+  return total, first
+end
+
+-- A window from its running total: drops the seconds from 'o' to the window's start, then finds
+-- the oldest live bucket ('o' itself while traffic is steady). Returns (used, oldest or -1).
+local function window_view(key)
+  local meta = redis.call('HMGET', key, 't', 'o')
+  local total, o = tonumber(meta[1]), tonumber(meta[2])
+  if total == nil or o == nil or low - o > FULL_PASS_AFTER then
+    return window_full(key)
+  end
+  if o < low then
+    local fields = {}
+    for s = o, low - 1 do fields[#fields + 1] = tostring(s) end
+    local values, gone = redis.call('HMGET', key, unpack(fields)), {}
+    for k = 1, #fields do
+      if values[k] then
+        total = total - tonumber(values[k])
+        gone[#gone + 1] = fields[k]
+      end
+    end
+    if #gone > 0 then redis.call('HDEL', key, unpack(gone)) end
+    o = low
+  end
+  if total <= 0 then
+    redis.call('HDEL', key, 't', 'o')
+    return 0, -1
+  end
+  if redis.call('HEXISTS', key, tostring(o)) == 0 then
+    local fields = {}
+    for s = o + 1, o + FULL_PASS_AFTER do fields[#fields + 1] = tostring(s) end
+    local values, found = redis.call('HMGET', key, unpack(fields)), nil
+    for k = 1, #fields do
+      if values[k] then found = o + k; break end
+    end
+    if found == nil then return window_full(key) end  -- buckets further ahead than that: sum in full
+    o = found
+  end
+  redis.call('HSET', key, 't', total, 'o', o)
+  return total, o
+end
+
 local kinds, amounts, ttls = {}, {}, {}
-local used, oldest, buckets = {}, {}, {}
+local used, oldest = {}, {}
 for i = 1, n do
   local a = 6 + (i - 1) * 3
   kinds[i], amounts[i], ttls[i] = ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3])
   local key = KEYS[i + 1]
   local total, first = 0, -1
   if kinds[i] == 'w' then
-    local flat = redis.call('HGETALL', key)
-    local stale = {}
-    for f = 1, #flat, 2 do
-      local s, v = tonumber(flat[f]), tonumber(flat[f + 1])
-      if s < low then
-        stale[#stale + 1] = flat[f]
-      elseif v > 0 then
-        total = total + v
-        if first < 0 or s < first then first = s end
-      end
-    end
-    if #stale > 0 then redis.call('HDEL', key, unpack(stale)) end
-    buckets[i] = flat  -- sorted by `live_sorted` only if a limit on it fails
+    total, first = window_view(key)
   elseif kinds[i] == 'p' then
     total = tonumber(redis.call('GET', key) or '0')
   else
@@ -95,7 +149,7 @@ for j = 1, m do
     if enforce == '1' then admitted = 0 end
     if kinds[i] == 'w' and amount <= value then
       local need, freed = used[i] + amount - value, 0
-      for _, b in ipairs(live_sorted(buckets[i])) do
+      for _, b in ipairs(live_sorted(KEYS[i + 1])) do
         freed = freed + b[2]
         if freed >= need then free_at[j] = b[1]; break end
       end
@@ -112,6 +166,8 @@ if admitted == 1 then
     elseif tonumber(amount) ~= 0 then
       if kinds[i] == 'w' then
         redis.call('HINCRBY', key, sec_field, amount)
+        redis.call('HINCRBY', key, 't', amount)
+        if oldest[i] < 0 or second < oldest[i] then redis.call('HSET', key, 'o', sec_field) end
       else
         redis.call('INCRBY', key, amount)
       end

@@ -45,9 +45,19 @@ if redis.call('DEL', KEYS[2]) == 1 then
     elseif delta ~= 0 then
       if kind == 'w' then
         if tonumber(bucket) >= low then
+          -- A window keeps 't' (the sum of its buckets) and 'o' (no bucket older): see admit.lua.
+          local meta = redis.call('HMGET', key, 't', 'o')
           local v = redis.call('HINCRBY', key, bucket, ARGV[a + 2])
-          if v <= 0 then redis.call('HDEL', key, bucket) end
-          if redis.call('TTL', key) < 0 then redis.call('EXPIRE', key, ttl) end
+          local change = delta
+          if v <= 0 then
+            redis.call('HDEL', key, bucket)
+            change = delta - v  -- the bucket left whole
+          elseif meta[2] and tonumber(bucket) < tonumber(meta[2]) then
+            redis.call('HSET', key, 'o', bucket)
+          end
+          if meta[1] then redis.call('HINCRBY', key, 't', change) end
+          -- what it added must outlive the window
+          if delta > 0 or redis.call('TTL', key) < 0 then redis.call('EXPIRE', key, ttl) end
         end
       elseif delta > 0 or redis.call('EXISTS', key) == 1 then
         local v = redis.call('INCRBY', key, ARGV[a + 2])
