@@ -12,6 +12,7 @@ from enum import StrEnum
 from functools import lru_cache
 
 from proxy.quota.store import (
+    DEFAULT_LEASE_SECONDS,
     MEASURES,
     MONEY_LIMITS,
     Admission,
@@ -142,7 +143,7 @@ def amount_of(measure: Measure, tokens: int, cost_micro_usd: int) -> int:
 
 
 def plan(limits: tuple[Limit, ...], tag: str, tokens: int, cost_micro_usd: int, day: str,
-         month: str, lease_seconds: float = 600.0) -> Plan:
+         month: str, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> Plan:
     shape, slots = counter_shape(limits, tag, day, month, lease_seconds)
     counters = []
     for kind, measure, key, ttl in shape:

@@ -19,7 +19,7 @@ from proxy.quota.counters import (
     build_shape,
     period_end,
 )
-from proxy.quota.store import Limit, LimitName, LimitState
+from proxy.quota.store import DEFAULT_LEASE_SECONDS, Limit, LimitName, LimitState, Reservation
 
 # Per counter: (kind, measure, key with the store's prefix, ttl seconds).
 CounterSlot = tuple[CounterKind, Measure, str, int]
@@ -74,6 +74,10 @@ class Layouts:
             self._cache.clear()
         self._cache[key] = layout
         return layout
+
+    def of_reservation(self, reservation: Reservation) -> Layout:
+        """What settling a reservation touches (its keys do not depend on the lease it was admitted with)."""
+        return self.get(reservation.limits, reservation.tag, reservation.day, reservation.month, DEFAULT_LEASE_SECONDS)
 
 
 def passing_states(checks: tuple[LimitCheck, ...], seen: list[Seen], now: float) -> list[LimitState] | None:

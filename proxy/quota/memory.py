@@ -229,7 +229,7 @@ class MemoryStore:
             return False
         # The reservation's counters from their cached layout (no Counter objects): what
         # `reservation_plan` gives.
-        layout = self._layouts.get(reservation.limits, reservation.tag, reservation.day, reservation.month, 600.0)
+        layout = self._layouts.of_reservation(reservation)
         for kind, measure, key, ttl in layout.counters:
             self._adjust(kind, key, ttl, reservation, settle_delta(measure, reservation, tokens, cost_micro_usd), now)
         return True

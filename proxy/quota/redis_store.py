@@ -122,8 +122,8 @@ class RedisStore:
         self._connecting = asyncio.Lock()  # a burst before the first connect opens one client
         self._admit = _Script("admit.lua")
         self._record = _Script("record.lua")
-        self._indexed: set[tuple[str, str]] = set()
-        self._layouts = Layouts(tz, prefix, ScriptLayout)  # (day, member) this process put in a day index
+        self._indexed: set[tuple[str, str]] = set()  # (day, member) this process put in a day index
+        self._layouts = Layouts(tz, prefix, ScriptLayout)  # per subject: its keys and script arguments
 
     @property
     def bounds_own_calls(self) -> bool:
@@ -189,7 +189,7 @@ class RedisStore:
 
     async def settle(self, reservation: Reservation, tokens: int, cost_micro_usd: int,
                      now: float) -> bool:
-        layout = self._layout(reservation.limits, reservation.tag, reservation.day, reservation.month, 600.0)
+        layout = cast(ScriptLayout, self._layouts.of_reservation(reservation))
         record = self._key(record_key(reservation.tag, reservation.request_id))
         # record.lua with no seen marker and no aggregate fields is the plain settle; the record
         # key stands in for the two keys it then does not touch (same hash tag).
@@ -222,7 +222,7 @@ class RedisStore:
         fields = aggregate_fields(usage)
         args: list[str | int] = [_fmt(now), request_id, SEEN_TTL_SECONDS, AGG_TTL_SECONDS, 0, len(fields)]
         if reservation is not None:
-            layout = self._layout(reservation.limits, reservation.tag, reservation.day, reservation.month, 600.0)
+            layout = cast(ScriptLayout, self._layouts.of_reservation(reservation))
             keys += layout.keys
             args[4] = len(layout.keys)
             args += settle_args(layout, reservation, usage.totals.tokens, usage.totals.cost_micro_usd)

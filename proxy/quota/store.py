@@ -48,6 +48,11 @@ class Limit:
     enforce: bool = True
 
 
+# How long a concurrency slot is held unless the admission says otherwise. A reservation does not
+# carry it: settling needs only its counters' keys, which do not depend on it.
+DEFAULT_LEASE_SECONDS = 600.0
+
+
 @dataclass(slots=True, unsafe_hash=True)  # not frozen: built per request, 4x cheaper to make
 class Admission:
     request_id: str
@@ -58,7 +63,7 @@ class Admission:
     now: float  # unix seconds
     day: str  # e.g. "2026-11-28", in the configured timezone
     month: str  # e.g. "2026-11"
-    lease_seconds: float = 600.0
+    lease_seconds: float = DEFAULT_LEASE_SECONDS
 
 
 @dataclass(slots=True, unsafe_hash=True)  # not frozen: built per request, 4x cheaper to make
