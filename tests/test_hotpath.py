@@ -9,6 +9,7 @@ import math
 import random
 import uuid
 from collections import deque
+from collections.abc import Iterator
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -38,27 +39,39 @@ def _state(store: MemoryStore) -> tuple[object, ...]:
     return windows, dict(store._periods), dict(store._expires), dict(store._records), store._aggs
 
 
+_LIMIT_SETS = [
+    (Limit("user:al", LimitName.RPM, 5), Limit("user:al", LimitName.TPM, 3000)),
+    (Limit("user:al", LimitName.TOKENS_PER_DAY, 20_000), Limit("user:al", LimitName.USD_PER_DAY, 90_000),
+     Limit("team:a", LimitName.USD_PER_MONTH, 400_000), Limit("user:al", LimitName.RPM, 8, False)),
+    (Limit("user:al", LimitName.RPM, 6), Limit("user:al", LimitName.RPM, 4, False),
+     Limit("user:al", LimitName.MAX_CONCURRENT, 3)),
+    (Limit("user:al", LimitName.TPM, 2000), Limit("user:al", LimitName.TPM, 2000)),  # one counter, twice
+]
+
+
+def _random_admissions(rng: random.Random, n: int, new_day_after: float) -> Iterator[Admission]:
+    """Admissions at random steps of time (some past a whole window, one into a new day), now and
+    then retrying the previous request id."""
+    now = T0
+    for i in range(n):
+        now += rng.choice((0.0, 0.3, 1.0, 7.0, 61.0)) if rng.random() < 0.3 else 0.05
+        day = "2030-03-17" if now < T0 + new_day_after else "2030-03-18"
+        rid = f"r{i}" if rng.random() > 0.05 or i == 0 else f"r{i - 1}"
+        yield Admission(rid, TAG, rng.choice(_LIMIT_SETS), rng.choice((0, 10, 400, 1500)),
+                        rng.choice((0, 1000, 30_000)), now, day, "2030-03")
+
+
+def _random_usage(rng: random.Random, event_id: str, day: str) -> AggregateDelta:
+    return AggregateDelta(event_id, TAG, day, "al", "a", "m",
+                          Totals(1, rng.choice((0, 5, 900, 5000)), 0, 0, 0, 0, rng.choice((0, 700, 50_000))))
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_fast_admission_decides_and_counts_as_the_general_path(seed: int) -> None:
     rng = random.Random(seed)
-    limit_sets = [
-        (Limit("user:al", LimitName.RPM, 5), Limit("user:al", LimitName.TPM, 3000)),
-        (Limit("user:al", LimitName.TOKENS_PER_DAY, 20_000), Limit("user:al", LimitName.USD_PER_DAY, 90_000),
-         Limit("team:a", LimitName.USD_PER_MONTH, 400_000), Limit("user:al", LimitName.RPM, 8, False)),
-        (Limit("user:al", LimitName.RPM, 6), Limit("user:al", LimitName.RPM, 4, False),
-         Limit("user:al", LimitName.MAX_CONCURRENT, 3)),
-        (Limit("user:al", LimitName.TPM, 2000), Limit("user:al", LimitName.TPM, 2000)),  # one counter, twice
-    ]
     fast, slow = MemoryStore(), _general_only()
-    now = T0
     live: list[tuple[Decision, Decision]] = []
-    for i in range(400):
-        now += rng.choice((0.0, 0.3, 1.0, 7.0, 61.0)) if rng.random() < 0.3 else 0.05
-        day = "2030-03-17" if now < T0 + 3600 else "2030-03-18"
-        limits = rng.choice(limit_sets)
-        rid = f"r{i}" if rng.random() > 0.05 or i == 0 else f"r{i - 1}"  # now and then a retried id
-        adm = Admission(rid, TAG, limits, rng.choice((0, 10, 400, 1500)), rng.choice((0, 1000, 30_000)), now,
-                        day, "2030-03")
+    for adm in _random_admissions(rng, 400, 3600):
         a, b = fast.admit_now(adm), slow.admit_now(adm)
         assert a == b
         if a.admitted:
@@ -66,11 +79,9 @@ def test_fast_admission_decides_and_counts_as_the_general_path(seed: int) -> Non
         if live and rng.random() < 0.5:
             da, db = live.pop(rng.randrange(len(live)))
             assert da.reservation is not None and db.reservation is not None
-            tokens, cost = rng.choice((0, 5, 900, 5000)), rng.choice((0, 700, 50_000))
-            usage = AggregateDelta(da.reservation.request_id, TAG, day, "al", "a", "m",
-                                   Totals(1, tokens, 0, 0, 0, 0, cost))
-            assert fast.settle_and_record_now(da.reservation, usage, now) == slow.settle_and_record_now(
-                db.reservation, usage, now)
+            usage = _random_usage(rng, da.reservation.request_id, adm.day)
+            assert fast.settle_and_record_now(da.reservation, usage, adm.now) == slow.settle_and_record_now(
+                db.reservation, usage, adm.now)
         assert _state(fast) == _state(slow)
 
 
@@ -102,40 +113,24 @@ async def test_redis_direct_admission_decides_and_counts_as_the_general_path_and
     slow._admit_direct = lambda layout, admission, seen: None  # type: ignore[method-assign]
     await fast.start()
     await slow.start()
-    limit_sets = [
-        (Limit("user:al", LimitName.RPM, 5), Limit("user:al", LimitName.TPM, 3000)),
-        (Limit("user:al", LimitName.TOKENS_PER_DAY, 20_000), Limit("user:al", LimitName.USD_PER_DAY, 90_000),
-         Limit("team:a", LimitName.USD_PER_MONTH, 400_000), Limit("user:al", LimitName.RPM, 8, False)),
-        (Limit("user:al", LimitName.RPM, 6), Limit("user:al", LimitName.RPM, 4, False),
-         Limit("user:al", LimitName.MAX_CONCURRENT, 3)),  # leases: the direct path handles them too
-        (Limit("user:al", LimitName.TPM, 2000), Limit("user:al", LimitName.TPM, 2000)),  # one counter, twice
-    ]
     memory = MemoryStore()  # the reference: the same decisions from counters kept in Python
-    now = T0
     live: list[tuple[Decision, Decision, Decision]] = []
     direct = 0
     try:
-        for i in range(150):
-            now += rng.choice((0.0, 0.3, 1.0, 7.0, 61.0)) if rng.random() < 0.3 else 0.05
-            day = "2030-03-17" if now < T0 + 1800 else "2030-03-18"
-            limits = rng.choice(limit_sets)
-            rid = f"r{i}" if rng.random() > 0.05 or i == 0 else f"r{i - 1}"  # now and then a retried id
-            adm = Admission(rid, TAG, limits, rng.choice((0, 10, 400, 1500)), rng.choice((0, 1000, 30_000)), now,
-                            day, "2030-03")
+        for i, adm in enumerate(_random_admissions(rng, 150, 1800)):
             a, b, c = await fast.admit(adm), await slow.admit(adm), memory.admit_now(adm)
             assert a == b
             assert a == c
             direct += a.admitted and not a.shadow_denied
-            if a.admitted and all(rid != d[0].reservation.request_id for d in live if d[0].reservation):
+            if a.admitted and all(adm.request_id != d[0].reservation.request_id for d in live if d[0].reservation):
                 live.append((a, b, c))  # a replayed admission is the same reservation: settled once
             if live and rng.random() < 0.5:
                 da, db, dc = live.pop(rng.randrange(len(live)))
                 assert da.reservation is not None and db.reservation is not None and dc.reservation is not None
-                tokens, cost = rng.choice((0, 5, 900, 5000)), rng.choice((0, 700, 50_000))
-                usage = AggregateDelta(f"e{i}", TAG, day, "al", "a", "m", Totals(1, tokens, 0, 0, 0, 0, cost))
-                assert await fast.settle_and_record(da.reservation, usage, now) == \
-                    await slow.settle_and_record(db.reservation, usage, now) == \
-                    memory.settle_and_record_now(dc.reservation, usage, now)
+                usage = _random_usage(rng, f"e{i}", adm.day)
+                assert await fast.settle_and_record(da.reservation, usage, adm.now) == \
+                    await slow.settle_and_record(db.reservation, usage, adm.now) == \
+                    memory.settle_and_record_now(dc.reservation, usage, adm.now)
         assert await _dump(fast, f"f{run}:") == await _dump(slow, f"s{run}:")
         assert direct > 20  # the direct path was taken, not only the general one
     finally:
