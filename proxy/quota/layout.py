@@ -8,10 +8,13 @@ objects, and hand anything else to it. Both are checked against each other in th
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from datetime import tzinfo
+from typing import Generic, TypeVar
 
 from proxy.quota.counters import (
     LEASE_RETRY_SECONDS,
+    RECORD_TTL_SECONDS,
     SHAPE_CACHE_MAX,
     WINDOW_SECONDS,
     CounterKind,
@@ -44,19 +47,29 @@ class Layout:
         self.lease_seconds = lease_seconds
 
 
-class Layouts:
+def record_ttl_seconds(lease_seconds: float) -> int:
+    """How long an unsettled reservation's record lives: past every counter settle may adjust, and
+    past twice its lease."""
+    return max(RECORD_TTL_SECONDS, math.ceil(lease_seconds * 2))
+
+
+L_co = TypeVar("L_co", bound=Layout)
+
+
+class Layouts(Generic[L_co]):
     """A store's layouts, cached per (limits tuple, tag, day, month, lease). Keyed by identity: the
     limit book hands out one tuple per subject, and hashing its Limits costs more than the layout.
     Each entry holds its tuple, so the id cannot be reused while the entry lives. A store that
     needs more per layout passes a subclass of `Layout` as `make`."""
 
-    def __init__(self, tz: tzinfo, prefix: str = "", make: type[Layout] = Layout) -> None:
+    def __init__(self, tz: tzinfo, prefix: str,
+                 make: Callable[[tuple[Limit, ...], tuple[CounterSlot, ...], tuple[LimitCheck, ...], float], L_co]) -> None:
         self._tz = tz
         self._prefix = prefix
         self._make = make
-        self._cache: dict[_LayoutKey, Layout] = {}
+        self._cache: dict[_LayoutKey, L_co] = {}
 
-    def get(self, limits: tuple[Limit, ...], tag: str, day: str, month: str, lease_seconds: float) -> Layout:
+    def get(self, limits: tuple[Limit, ...], tag: str, day: str, month: str, lease_seconds: float) -> L_co:
         key = (id(limits), tag, day, month, lease_seconds)
         hit = self._cache.get(key)
         if hit is not None and hit.limits is limits:
@@ -75,7 +88,7 @@ class Layouts:
         self._cache[key] = layout
         return layout
 
-    def of_reservation(self, reservation: Reservation) -> Layout:
+    def of_reservation(self, reservation: Reservation) -> L_co:
         """What settling a reservation touches (its keys do not depend on the lease it was admitted with)."""
         return self.get(reservation.limits, reservation.tag, reservation.day, reservation.month, DEFAULT_LEASE_SECONDS)
 

@@ -8,7 +8,6 @@ from datetime import UTC, tzinfo
 
 from proxy.quota.counters import (
     MEMORY_SEEN_TTL_SECONDS,
-    RECORD_TTL_SECONDS,
     WINDOW_SECONDS,
     Counter,
     CounterKind,
@@ -30,7 +29,14 @@ from proxy.quota.counters import (
     window_free_at,
     window_view,
 )
-from proxy.quota.layout import CounterSlot, Layouts, Seen, passing_states
+from proxy.quota.layout import (
+    CounterSlot,
+    Layout,
+    Layouts,
+    Seen,
+    passing_states,
+    record_ttl_seconds,
+)
 from proxy.quota.store import (
     Admission,
     AggregateDelta,
@@ -116,7 +122,7 @@ class MemoryStore:
         self._seen: dict[str, float] = {}
         self._seen_order: deque[str] = deque()
         self._keys: dict[str, StoredKey] = {}  # digest -> key created through the admin API
-        self._layouts = Layouts(tz)
+        self._layouts = Layouts(tz, "", Layout)
 
     @property
     def bounds_own_calls(self) -> bool:
@@ -173,7 +179,7 @@ class MemoryStore:
             else:
                 periods[key] = periods.get(key, 0) + added
             expires[key] = now + ttl
-        self._records[record] = now + max(RECORD_TTL_SECONDS, admission.lease_seconds * 2)
+        self._records[record] = now + record_ttl_seconds(admission.lease_seconds)
         return Decision(True, reservation_of(admission), tuple(states), None, 0.0, ())
 
     def _fast_views(self, counters: tuple[CounterSlot, ...], tokens: int, cost: int, now: float) -> list[Seen]:
@@ -215,7 +221,7 @@ class MemoryStore:
         if decision.admitted:
             for counter in plan_.counters:
                 self._add(counter, admission)
-            self._records[record] = now + max(RECORD_TTL_SECONDS, admission.lease_seconds * 2)
+            self._records[record] = now + record_ttl_seconds(admission.lease_seconds)
         return decision
 
     async def settle(self, reservation: Reservation, tokens: int, cost_micro_usd: int,
@@ -333,7 +339,7 @@ class MemoryStore:
             if window is None:
                 window = self._windows[key] = _Window()
             window.add(second, delta)
-            if not live or key not in self._expires or delta > 0:  # what it added must outlive the window
+            if delta > 0 or key not in self._expires:  # what it added must outlive the window
                 self._expires[key] = max(self._expires.get(key, now), now + ttl)
             return
         if not live or key not in self._periods:

@@ -7,8 +7,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from proxy.quota.counters import RECORD_TTL_SECONDS, Measure, amount_of, settle_delta
-from proxy.quota.layout import CounterSlot, Layout, LimitCheck, Seen
+from proxy.quota.counters import Measure, amount_of, settle_delta
+from proxy.quota.layout import CounterSlot, Layout, LimitCheck, Seen, record_ttl_seconds
 from proxy.quota.store import Admission, Limit, Reservation
 
 Args = list[str | int]
@@ -26,7 +26,7 @@ class ScriptLayout(Layout):
         super().__init__(limits, counters, checks, lease_seconds)
         self.keys = [key for _, _, key, _ in counters]
         self.kinds = tuple(kind.value for kind, _, _, _ in counters)  # plain str: no enum lookups per call
-        self.record_ttl = max(RECORD_TTL_SECONDS, math.ceil(lease_seconds * 2))
+        self.record_ttl = record_ttl_seconds(lease_seconds)
         tail: Args = []  # per counter (kind, amount, ttl), then per limit (counter index, value, enforce)
         amount_at: list[tuple[int, int]] = []  # (place in ARGV, counter): filled per admission
         for i, (kind, measure, _, ttl) in enumerate(counters):

@@ -123,7 +123,7 @@ class RedisStore:
         self._admit = _Script("admit.lua")
         self._record = _Script("record.lua")
         self._indexed: set[tuple[str, str]] = set()  # (day, member) this process put in a day index
-        self._layouts = Layouts(tz, prefix, ScriptLayout)  # per subject: its keys and script arguments
+        self._layouts: Layouts[ScriptLayout] = Layouts(tz, prefix, ScriptLayout)  # per subject: its keys and script arguments
 
     @property
     def bounds_own_calls(self) -> bool:
@@ -154,7 +154,8 @@ class RedisStore:
     async def admit(self, admission: Admission) -> Decision:
         if admission.tokens < 0 or admission.cost_micro_usd < 0:
             raise ValueError("an admission cannot reserve negative tokens or cost")
-        layout = self._layout(admission.limits, admission.tag, admission.day, admission.month, admission.lease_seconds)
+        layout = self._layouts.get(admission.limits, admission.tag, admission.day, admission.month,
+                                   admission.lease_seconds)
         args, added = admit_args(layout, admission)
         keys = [self._key(record_key(admission.tag, admission.request_id)), *layout.keys]
         reply = await self._run(self._admit, keys, args)
@@ -184,12 +185,9 @@ class RedisStore:
             return None
         return Decision(True, reservation_of(admission), tuple(states), None, 0.0, ())
 
-    def _layout(self, limits: tuple[Limit, ...], tag: str, day: str, month: str, lease_seconds: float) -> ScriptLayout:
-        return cast(ScriptLayout, self._layouts.get(limits, tag, day, month, lease_seconds))
-
     async def settle(self, reservation: Reservation, tokens: int, cost_micro_usd: int,
                      now: float) -> bool:
-        layout = cast(ScriptLayout, self._layouts.of_reservation(reservation))
+        layout = self._layouts.of_reservation(reservation)
         record = self._key(record_key(reservation.tag, reservation.request_id))
         # record.lua with no seen marker and no aggregate fields is the plain settle; the record
         # key stands in for the two keys it then does not touch (same hash tag).
@@ -214,7 +212,7 @@ class RedisStore:
                                 now: float) -> bool:
         if reservation is not None and reservation.tag != usage.tag:
             raise ValueError("a usage event must carry its reservation's hash tag")
-        listed = await self._index(usage)
+        listed = False if self._listed(usage) else await self._index(usage)
         request_id = reservation.request_id if reservation is not None else usage.event_id
         keys = [self._key(seen_key(usage.tag, usage.event_id)),
                 self._key(record_key(usage.tag, request_id)),
@@ -222,7 +220,7 @@ class RedisStore:
         fields = aggregate_fields(usage)
         args: list[str | int] = [_fmt(now), request_id, SEEN_TTL_SECONDS, AGG_TTL_SECONDS, 0, len(fields)]
         if reservation is not None:
-            layout = cast(ScriptLayout, self._layouts.of_reservation(reservation))
+            layout = self._layouts.of_reservation(reservation)
             keys += layout.keys
             args[4] = len(layout.keys)
             args += settle_args(layout, reservation, usage.totals.tokens, usage.totals.cost_micro_usd)
@@ -242,15 +240,19 @@ class RedisStore:
         has no hash tag (it spans subjects), so it cannot join the script: a process writes it once
         per hash and day, before the script, so a hash is never left unlisted, and again whenever
         the script says it had to create the hash."""
-        member = index_member(usage.tag, usage.user, usage.team)
-        if not force and (usage.day, member) in self._indexed:
+        if not force and self._listed(usage):
             return False
+        member = index_member(usage.tag, usage.user, usage.team)
         key = self._key(index_key(usage.day))
         await self._commands([("SADD", key, member), ("EXPIRE", key, AGG_TTL_SECONDS)], "index write")
         if len(self._indexed) >= 100_000:
             self._indexed.clear()
         self._indexed.add((usage.day, member))
         return True
+
+    def _listed(self, usage: AggregateDelta) -> bool:
+        """Whether this process already put the event's aggregate hash in its day's index."""
+        return (usage.day, index_member(usage.tag, usage.user, usage.team)) in self._indexed
 
     async def aggregates(self, days: tuple[str, ...], user: str | None = None,
                          team: str | None = None) -> tuple[AggregateRow, ...]:

@@ -83,7 +83,9 @@ local function window_view(key)
   if total == nil or o == nil or low - o > FULL_PASS_AFTER then
     return window_full(key)
   end
+  local moved = false  -- 'o' or 't' to write back
   if o < low then
+    moved = true
     local fields = {}
     for s = o, low - 1 do fields[#fields + 1] = tostring(s) end
     local values, gone = redis.call('HMGET', key, unpack(fields)), {}
@@ -108,9 +110,9 @@ local function window_view(key)
       if values[k] then found = o + k; break end
     end
     if found == nil then return window_full(key) end  -- buckets further ahead than that: sum in full
-    o = found
+    o, moved = found, true
   end
-  redis.call('HSET', key, 't', total, 'o', o)
+  if moved then redis.call('HSET', key, 't', total, 'o', o) end
   return total, o
 end
 
