@@ -108,6 +108,16 @@ class UpstreamResponse:
         """The whole body has arrived."""
         return self._done
 
+    @property
+    def drained(self) -> bool:
+        """The whole body has arrived and readany() has handed all of it out."""
+        return self._done and not self._chunks
+
+    @property
+    def ready(self) -> bool:
+        """readany() would answer without waiting."""
+        return bool(self._chunks) or self._done or self._exc is not None
+
     # --- called by the connection ------------------------------------------------------------
 
     def _wake(self) -> None:
