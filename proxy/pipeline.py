@@ -6,6 +6,7 @@ too) as one tracked task, off the response path, that shutdown waits for.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -211,10 +212,14 @@ def _error_response(svc: Services, request: web.Request, f: Flight, e: ProxyErro
 
 def _settle_and_record(svc: Services, f: Flight, t_end: float, tracker: Tracker) -> None:
     """Right after the response: settle at once where nothing has to wait (the embedded store),
-    else in a tracked task."""
+    else with a command sent now where the store can, else in a tracked task."""
     rec, overhead = _record_of(svc, f, t_end)
     if svc.gate.settle_now(f.ticket, rec):
         _recorded(svc, f, rec, overhead)
+        return
+    settled = svc.gate.settle_soon(f.ticket, rec)  # Redis: sent now, recorded on its reply
+    if settled is not None:
+        tracker.track(settled, functools.partial(_recorded, svc, f, rec, overhead))
     else:
         tracker.spawn(_settle_later(svc, f, rec, overhead))
 

@@ -5,6 +5,7 @@ Everything here is built by `app.py`; handlers read it from the app under typed 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import os
@@ -78,10 +79,11 @@ class RequestIds:
 
 class Tracker:
     """Background work that must finish before shutdown (settle and record of each request): tasks,
-    and callbacks for work that never suspends (a task costs ten times a callback)."""
+    futures of work already sent (a store command), and callbacks for work that never suspends (a
+    task costs ten times a callback)."""
 
     def __init__(self) -> None:
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Future[None]] = set()
         self._soon = 0  # callbacks queued, not run yet
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -89,19 +91,32 @@ class Tracker:
         self._tasks.add(task)
         task.add_done_callback(self._done)
 
+    def track(self, fut: asyncio.Future[None], then: Callable[[], None]) -> None:
+        """Wait for `fut` (work already under way), then run `then()` unless it failed."""
+        self._tasks.add(fut)
+        fut.add_done_callback(functools.partial(self._then, then))
+
+    def _then(self, then: Callable[[], None], fut: asyncio.Future[None]) -> None:
+        self._done(fut)
+        if not fut.cancelled() and fut.exception() is None:
+            self._run(then, ())
+
     def soon(self, fn: Callable[..., None], *args: Any) -> None:
         """Run `fn(*args)` at the loop's next turn (it may `spawn` what must wait)."""
         self._soon += 1
-        asyncio.get_running_loop().call_soon(self._run, fn, args)
+        asyncio.get_running_loop().call_soon(self._run_soon, fn, args)
+
+    def _run_soon(self, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
+        self._soon -= 1
+        self._run(fn, args)
 
     def _run(self, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
-        self._soon -= 1
         try:
             fn(*args)
         except Exception:
             log.error("settle/record failed", exc_info=True)
 
-    def _done(self, task: asyncio.Task[None]) -> None:
+    def _done(self, task: asyncio.Future[None]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("settle/record failed", exc_info=task.exception())

@@ -257,3 +257,28 @@ async def test_tracker_callbacks_count_until_run_and_may_hand_over_to_a_task(
     assert done == ["a", "b", "task"]
     assert len(tracker) == 0
     assert "settle/record failed" in caplog.text
+
+
+async def test_tracker_waits_for_tracked_futures_then_records(caplog: pytest.LogCaptureFixture) -> None:
+    """A settle sent at once is a future the tracker waits for (shutdown too), then records; one
+    a later task resolves (settle_soon's fallback) is waited for; a failed one is logged only."""
+    tracker = Tracker()
+    loop = asyncio.get_running_loop()
+    done: list[str] = []
+    ok, handed_over, failed = loop.create_future(), loop.create_future(), loop.create_future()
+
+    async def retry() -> None:
+        await asyncio.sleep(0.05)
+        handed_over.set_result(None)
+
+    tracker.track(ok, lambda: done.append("ok"))
+    tracker.track(handed_over, lambda: done.append("handed over"))
+    tracker.track(failed, lambda: done.append("failed"))
+    assert len(tracker) == 3
+    loop.call_soon(ok.set_result, None)
+    loop.call_soon(lambda: tracker.spawn(retry()))  # what settle_soon's fallback does
+    loop.call_later(0.01, failed.set_exception, RuntimeError("boom"))
+    with caplog.at_level(logging.ERROR, logger="meterproxy"):
+        await tracker.drain()
+    assert done == ["ok", "handed over"] and len(tracker) == 0
+    assert "settle/record failed" in caplog.text

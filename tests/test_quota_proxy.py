@@ -615,6 +615,43 @@ async def test_redis_killed_closed_mode_503_then_recovers(start_proxy: StartProx
         server.stop()
 
 
+async def test_settle_sent_at_once_lands_once_when_redis_lost_its_scripts_or_the_hash(
+        redis_server: RedisProc, start_proxy: StartProxy, tmp_path: Path) -> None:
+    """The Redis settle goes out as one command on the response's heels (no task). When that one
+    try fails (Redis lost its scripts: NOSCRIPT) the general path takes over, and when the hash it
+    adds to was gone the day index lists it again: each request counted once, none lost."""
+    _clean(redis_server.url)
+    p = await start_proxy({"store": redis_server.url, **PRICES,
+                           "plans": {"free": {"rpm": 1000, "tokens_per_day": 10_000_000}}})
+    gate = p.svc.gate
+    day = gate.periods(time.time())[0]
+    alice = subject("alice", ALICE_KEY, "research")
+    r = redis.Redis.from_url(redis_server.url)
+    async with aiohttp.ClientSession() as s:
+        assert (await post(s, p.url)).status == 200  # the day index now lists alice's hash
+        await p.settled()
+        r.script_flush()  # a Redis restarted without its script cache
+        assert (await post(s, p.url)).status == 200
+        await p.settled()
+        events = [e for e in ledger(tmp_path) if e["user"] == "alice"]
+        assert len(events) == 2
+        stored = await used(p, alice)
+        assert stored[("user:alice", LimitName.TOKENS_PER_DAY)] == sum(total_tokens(e) for e in events)
+        assert stored[("user:alice", LimitName.RPM)] == 2
+        assert sum(x.totals.requests for x in await gate.store.aggregates((day,), user="alice")) == 2
+        for key in r.scan_iter(match="mp:*agg*"):  # the hash and the index both lost
+            r.delete(key)
+        assert await gate.store.aggregates((day,), user="alice") == ()
+        assert (await post(s, p.url)).status == 200
+        await p.settled()
+    r.close()
+    events = [e for e in ledger(tmp_path) if e["user"] == "alice"]
+    rows = await gate.store.aggregates((day,), user="alice")
+    assert sum(x.totals.requests for x in rows) == 1  # the third request, listed again
+    assert sum(x.totals.tokens for x in rows) == total_tokens(events[-1])
+    assert (await used(p, alice))[("user:alice", LimitName.TOKENS_PER_DAY)] == sum(total_tokens(e) for e in events)
+
+
 async def test_gate_is_rebuilt_on_reload_without_losing_state(start_proxy: StartProxy) -> None:
     p = await start_proxy({"plans": {"free": {"rpm": 100}}})
     old = p.svc.gate

@@ -6,6 +6,7 @@ themselves, with fail-open and replay, are the base class's (store_link.py).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
@@ -111,6 +112,7 @@ class Gate(StoreLink):
         self._embedded = store if type(store) is MemoryStore else None  # exactly: a subclass may wait
         self._period_cache: tuple[float, float, str, str] = (0.0, 0.0, "", "")
         self._profiles: dict[Subject, _Profile] = {}
+        self._retries: set[asyncio.Task[None]] = set()  # settle_soon's fallbacks, held until done
 
     def adopt(self, old: Gate) -> None:
         """Take over a previous gate's state on reload, so no usage delta or queued wake-up is lost."""
@@ -324,6 +326,51 @@ class Gate(StoreLink):
         finally:
             self._settled(ticket)
         return True
+
+    def settle_soon(self, ticket: Ticket | None, rec: UsageRecord) -> asyncio.Future[None] | None:
+        """`settle` as one store command sent now and a callback on its reply, no coroutine or
+        task, where the store can send at once (the lean Redis connection) and nothing else has
+        to wait (no top-up, the store not down). The future is done once settled; if the command
+        fails, `settle`'s own path takes over (retry, store health, replay). None, having done
+        nothing: `settle` it."""
+        if self._state.down or (ticket is not None and (
+                ticket.settled or ticket.local or ticket.topup is not None or ticket.extensions)):
+            return None
+        usage = self._usage(rec, ticket)
+        res = ticket.reservation if ticket is not None else None
+        sent = self.store.settle_and_record_soon(res, usage, time.time())
+        if sent is None:
+            return None
+        if ticket is not None:
+            self._settling(ticket)
+            self._learn(ticket, rec)
+        done: asyncio.Future[None] = sent.get_loop().create_future()
+        sent.add_done_callback(functools.partial(self._sent, ticket, res, usage, done))
+        return done
+
+    def _sent(self, ticket: Ticket | None, res: Reservation | None, usage: AggregateDelta,
+              done: asyncio.Future[None], sent: asyncio.Future[bool]) -> None:
+        if not sent.cancelled() and sent.exception() is None:
+            self._after_send(ticket, done, None)
+            return
+        # The one attempt failed: the general path again, which retries, notes the store's health
+        # and keeps the delta for replay (record.lua applies an event once, however often sent).
+        retry = sent.get_loop().create_task(self._record(res, False, usage))
+        self._retries.add(retry)
+        retry.add_done_callback(functools.partial(self._after_send, ticket, done))
+
+    def _after_send(self, ticket: Ticket | None, done: asyncio.Future[None], retry: asyncio.Task[None] | None) -> None:
+        if ticket is not None:
+            self._settled(ticket)
+        if retry is None:
+            done.set_result(None)
+            return
+        self._retries.discard(retry)
+        exc = None if retry.cancelled() else retry.exception()
+        if exc is not None:
+            done.set_exception(exc)
+        else:
+            done.set_result(None)
 
     def _settling(self, ticket: Ticket) -> None:
         ticket.settled = True

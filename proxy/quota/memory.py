@@ -1,6 +1,7 @@
 """The embedded quota store: one process, no server, exact; its counters live in dicts here."""
 from __future__ import annotations
 
+import asyncio
 import math
 from collections import deque
 from collections.abc import Callable
@@ -352,6 +353,10 @@ class MemoryStore:
     async def settle_and_record(self, reservation: Reservation | None, usage: AggregateDelta,
                                 now: float) -> bool:
         return self.settle_and_record_now(reservation, usage, now)
+
+    def settle_and_record_soon(self, reservation: Reservation | None, usage: AggregateDelta,
+                               now: float) -> asyncio.Future[bool] | None:
+        return None  # `settle_and_record_now` is this store's way: done before it returns
 
     def settle_and_record_now(self, reservation: Reservation | None, usage: AggregateDelta, now: float) -> bool:
         if reservation is not None:

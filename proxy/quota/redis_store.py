@@ -123,6 +123,7 @@ class RedisStore:
         self._admit = _Script("admit.lua")
         self._record = _Script("record.lua")
         self._indexed: set[tuple[str, str]] = set()  # (day, member) this process put in a day index
+        self._reindexing: set[asyncio.Task[bool]] = set()  # held until done (the loop keeps weak refs)
         self._layouts: Layouts[ScriptLayout] = Layouts(tz, prefix, ScriptLayout)  # per subject: its keys and script arguments
 
     @property
@@ -210,9 +211,52 @@ class RedisStore:
     # ------------------------------------------------------------ usage aggregates, keys, events
     async def settle_and_record(self, reservation: Reservation | None, usage: AggregateDelta,
                                 now: float) -> bool:
+        keys, args = self._record_call(reservation, usage, now)
+        listed = False if self._listed(usage) else await self._index(usage)
+        recorded, created = _recorded(await self._run(self._record, keys, args))
+        if created and not listed:  # the hash was gone (Redis lost data, or it expired): list it again
+            await self._index(usage, force=True)
+        return recorded
+
+    def settle_and_record_soon(self, reservation: Reservation | None, usage: AggregateDelta,
+                               now: float) -> asyncio.Future[bool] | None:
+        """`settle_and_record` as a command sent now, its reply in the future returned: no
+        coroutine, no task. Only on the open lean connection and once the day index lists the
+        event's hash; None otherwise, having sent nothing. One attempt: a caller that sees it
+        fail runs `settle_and_record` (record.lua applies an event once, however often sent)."""
+        conn = self._resp.open_connection() if self._resp is not None else None
+        if conn is None or not self._listed(usage):
+            return None
+        keys, args = self._record_call(reservation, usage, now)
+        sent = conn.send(pack(("EVALSHA", self._record.sha, len(keys), *keys, *args)))
+        out: asyncio.Future[bool] = sent.get_loop().create_future()
+        sent.add_done_callback(lambda f: self._soon_recorded(f, usage, out))
+        return out
+
+    def _soon_recorded(self, sent: asyncio.Future[Any], usage: AggregateDelta, out: asyncio.Future[bool]) -> None:
+        try:
+            recorded, created = _recorded(sent.result())
+        except BaseException as exc:  # StoreError, NoScript, ConnectionLost, a cancel: the caller's
+            out.set_exception(exc)
+            return
+        if not created:
+            out.set_result(recorded)
+            return
+        # The hash was gone (Redis lost data, or it expired): list it again before saying done.
+        task = sent.get_loop().create_task(self._index(usage, force=True))
+        self._reindexing.add(task)
+
+        def finish(t: asyncio.Task[bool]) -> None:
+            self._reindexing.discard(t)
+            exc = None if t.cancelled() else t.exception()
+            out.set_exception(exc) if exc is not None else out.set_result(recorded)
+        task.add_done_callback(finish)
+
+    def _record_call(self, reservation: Reservation | None, usage: AggregateDelta,
+                     now: float) -> tuple[list[str], list[str | int]]:
+        """record.lua's keys and arguments for one finished request (and its reservation)."""
         if reservation is not None and reservation.tag != usage.tag:
             raise ValueError("a usage event must carry its reservation's hash tag")
-        listed = False if self._listed(usage) else await self._index(usage)
         request_id = reservation.request_id if reservation is not None else usage.event_id
         keys = [self._key(seen_key(usage.tag, usage.event_id)),
                 self._key(record_key(usage.tag, request_id)),
@@ -226,14 +270,7 @@ class RedisStore:
             args += settle_args(layout, reservation, usage.totals.tokens, usage.totals.cost_micro_usd)
         for name, value in fields:
             args += [name, value]
-        reply = await self._run(self._record, keys, args)
-        try:
-            recorded, created = bool(int(reply[0])), bool(int(reply[2]))
-        except (TypeError, ValueError, IndexError) as exc:
-            raise StoreError(f"record.lua answered {reply!r}") from exc
-        if created and not listed:  # the hash was gone (Redis lost data, or it expired): list it again
-            await self._index(usage, force=True)
-        return recorded
+        return keys, args
 
     async def _index(self, usage: AggregateDelta, force: bool = False) -> bool:
         """List the event's aggregate hash in its day's index; True if written now. The index key
@@ -569,6 +606,14 @@ def _settle_future(fut: asyncio.Future[Any], result: Any = None, exc: BaseExcept
         fut.set_exception(exc)
     else:
         fut.set_result(result)
+
+
+def _recorded(reply: Any) -> tuple[bool, bool]:
+    """record.lua's reply: (the event was recorded now, its aggregate hash had to be created)."""
+    try:
+        return bool(int(reply[0])), bool(int(reply[2]))
+    except (TypeError, ValueError, IndexError) as exc:
+        raise StoreError(f"record.lua answered {reply!r}") from exc
 
 
 def _ignore(task: asyncio.Task[None]) -> None:

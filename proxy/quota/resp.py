@@ -217,6 +217,11 @@ class RespClient:
         self._opening: asyncio.Task[RespConnection] | None = None
         self._closed = False
 
+    def open_connection(self) -> RespConnection | None:
+        """The connection, if it is open now (None: `call` would have to wait for one)."""
+        conn = self._conn
+        return conn if conn is not None and not conn.closed else None
+
     async def call(self, payload: bytes) -> Any:
         conn = self._conn
         if conn is None or conn.closed:

@@ -13,6 +13,7 @@ Contract (one test suite checks it against both stores):
 """
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
@@ -181,6 +182,12 @@ class UsageStore(Protocol):
         """Settle `reservation` (if any, and only if not settled yet) to `usage`'s tokens and cost
         and add `usage` to its aggregate, atomically and in one round trip. Once per event id:
         returns False, changing nothing, for an event already recorded."""
+        ...
+
+    def settle_and_record_soon(self, reservation: Reservation | None, usage: AggregateDelta,
+                               now: float) -> asyncio.Future[bool] | None:
+        """`settle_and_record` sent at once, its outcome in the future returned (a caller that sees
+        it fail calls `settle_and_record`); None, having done nothing, where the store cannot."""
         ...
 
     async def aggregates(self, days: tuple[str, ...], user: str | None = None,
