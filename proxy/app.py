@@ -25,9 +25,20 @@ from .providers import build_adapter
 from .quota.gate import Gate
 from .quota.memory import MemoryStore
 from .quota.store import QuotaStore
+from .relay import HangUps
 from .resilience import Breaker
 from .route import Router
-from .services import RELOAD, REQUEST_IDS, SERVICES, TRACKER, Live, RequestIds, Services, Tracker
+from .services import (
+    HANG_UPS,
+    RELOAD,
+    REQUEST_IDS,
+    SERVICES,
+    TRACKER,
+    Live,
+    RequestIds,
+    Services,
+    Tracker,
+)
 from .tokens import Tokenizer
 from .upstream import UpstreamPool
 
@@ -72,6 +83,7 @@ def create_app(config: Config, config_path: str = "config.yaml", *, registry: Co
     app[CONFIG_PATH] = config_path
     app[REGISTRY] = registry or CollectorRegistry()
     app[TRACKER] = Tracker()
+    app[HANG_UPS] = HangUps()
     app[REQUEST_IDS] = RequestIds()
     app[DRAINING] = asyncio.Event()
     app[SERVICES] = Live()

@@ -24,7 +24,7 @@ from .records import Relayed, Subject, UsageRecord
 from .relay import relay_body, relay_stream
 from .resilience import Attempt, AttemptsFailed, forward
 from .route import Target
-from .services import REQUEST_IDS, SERVICES, TRACKER, Services, Tracker
+from .services import HANG_UPS, REQUEST_IDS, SERVICES, TRACKER, Services, Tracker
 from .settle import actual_usage
 
 log = logging.getLogger("meterproxy.pipeline")
@@ -134,7 +134,8 @@ async def _run(request: web.Request, svc: Services, f: Flight) -> web.StreamResp
         # A ticket's watch is only ever cleared after admission: without one, no per-chunk check.
         overrun = None if ticket.watch is None else (
             lambda tap: svc.gate.overrun(ticket, tap, svc.tokenizer, est.model))
-        resp, f.relayed = await relay_stream(request, upstream, answered, call, strip, f.headers, f.t0, overrun)
+        resp, f.relayed = await relay_stream(request, request.app[HANG_UPS], upstream, answered, call, strip,
+                                             f.headers, f.t0, overrun)
     else:
         async with upstream:
             resp, f.relayed = await relay_body(upstream, answered, call, f.headers)

@@ -24,6 +24,7 @@ from .metrics import Metrics
 from .pricing import PriceTable, date_at
 from .providers import Adapter
 from .quota.gate import Gate
+from .relay import HangUps
 from .resilience import Breaker
 from .route import Router
 from .tokens import Tokenizer
@@ -146,6 +147,7 @@ class Live:
 
 SERVICES = web.AppKey("services", Live)
 TRACKER = web.AppKey("tracker", Tracker)
+HANG_UPS = web.AppKey("hang_ups", HangUps)
 REQUEST_IDS = web.AppKey("request_ids", RequestIds)
 Reloader = Callable[[], Awaitable[str | None]]  # reloads the config: None, or the error
 RELOAD: web.AppKey[Reloader] = web.AppKey("reload")
