@@ -615,11 +615,11 @@ async def test_redis_killed_closed_mode_503_then_recovers(start_proxy: StartProx
         server.stop()
 
 
-async def test_settle_sent_at_once_lands_once_when_redis_lost_its_scripts_or_the_hash(
+async def test_commands_sent_at_once_land_once_when_redis_lost_its_scripts_or_the_hash(
         redis_server: RedisProc, start_proxy: StartProxy, tmp_path: Path) -> None:
-    """The Redis settle goes out as one command on the response's heels (no task). When that one
-    try fails (Redis lost its scripts: NOSCRIPT) the general path takes over, and when the hash it
-    adds to was gone the day index lists it again: each request counted once, none lost."""
+    """The Redis admit and settle go out as one command each, with no coroutine layers or task.
+    When Redis has lost its scripts (NOSCRIPT) both reload them and still count once; when the
+    hash a settle adds to was gone, the day index lists it again. None lost, none doubled."""
     _clean(redis_server.url)
     p = await start_proxy({"store": redis_server.url, **PRICES,
                            "plans": {"free": {"rpm": 1000, "tokens_per_day": 10_000_000}}})

@@ -191,8 +191,9 @@ class Gate(StoreLink):
                                       f"{adapter.name} is reached. Try again shortly.", headers={"retry-after": "1"})
                 held = True
             # Taken before asking, so a settle during the ask still wakes us (the embedded store
-            # answers without suspending: nothing can settle meanwhile, so it is taken only to wait).
-            room = self._state.room() if self._embedded is None else None
+            # answers without suspending: nothing can settle meanwhile, so it is taken only to
+            # wait); only by a plan that may queue.
+            room = self._state.room() if self._embedded is None and plan.on_limit == "queue" else None
             adm = self._admission(request_id, tag, limits, est, out)
             try:
                 decision, local = await self._store_admit(adm)

@@ -4,8 +4,9 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import UTC, tzinfo
+from typing import Any
 
 from proxy.quota.counters import (
     MEMORY_SEEN_TTL_SECONDS,
@@ -353,6 +354,9 @@ class MemoryStore:
     async def settle_and_record(self, reservation: Reservation | None, usage: AggregateDelta,
                                 now: float) -> bool:
         return self.settle_and_record_now(reservation, usage, now)
+
+    def admit_soon(self, admission: Admission) -> Coroutine[Any, Any, Decision] | None:
+        return None  # `admit_now` is this store's way
 
     def settle_and_record_soon(self, reservation: Reservation | None, usage: AggregateDelta,
                                now: float) -> asyncio.Future[bool] | None:

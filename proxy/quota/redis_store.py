@@ -8,9 +8,10 @@ URLs with options.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Coroutine, Sequence
 from datetime import UTC, tzinfo
 from importlib import resources
 from typing import TYPE_CHECKING, Any, cast
@@ -43,7 +44,15 @@ from proxy.quota.counters import (
 )
 from proxy.quota.layout import Layouts, Seen, passing_states
 from proxy.quota.redis_direct import ScriptLayout, admit_args, read_admit_reply, settle_args
-from proxy.quota.resp import Arg, Endpoint, NoScript, RespClient, endpoint_from_url, pack
+from proxy.quota.resp import (
+    Arg,
+    ConnectionLost,
+    Endpoint,
+    NoScript,
+    RespClient,
+    endpoint_from_url,
+    pack,
+)
 from proxy.quota.store import (
     Admission,
     AggregateDelta,
@@ -123,7 +132,7 @@ class RedisStore:
         self._admit = _Script("admit.lua")
         self._record = _Script("record.lua")
         self._indexed: set[tuple[str, str]] = set()  # (day, member) this process put in a day index
-        self._reindexing: set[asyncio.Task[bool]] = set()  # held until done (the loop keeps weak refs)
+        self._retrying: set[asyncio.Task[Any]] = set()  # a settle's re-listing, held until done (weak refs otherwise)
         self._layouts: Layouts[ScriptLayout] = Layouts(tz, prefix, ScriptLayout)  # per subject: its keys and script arguments
 
     @property
@@ -153,13 +162,41 @@ class RedisStore:
             return False
 
     async def admit(self, admission: Admission) -> Decision:
+        layout, keys, args, added = self._admit_call(admission)
+        return self._decision(admission, layout, added, await self._run(self._admit, keys, args))
+
+    def admit_soon(self, admission: Admission) -> Coroutine[Any, Any, Decision] | None:
+        """`admit` with its command sent now: await the coroutine returned for the decision. It
+        fails as `admit` does (a lost script is reloaded and a lost connection reopened once, the
+        same way); None, having sent nothing, unless the lean connection is open."""
+        conn = self._resp.open_connection() if self._resp is not None else None
+        if conn is None:
+            return None
+        layout, keys, args, added = self._admit_call(admission)
+        sent = conn.send(pack(("EVALSHA", self._admit.sha, len(keys), *keys, *args)))
+        return self._admitted(admission, layout, added, sent)
+
+    async def _admitted(self, admission: Admission, layout: ScriptLayout, added: list[int],
+                        sent: asyncio.Future[Any]) -> Decision:
+        # Awaits the reply itself: a future resolved from the reply's callback would cost the
+        # request one more turn of the loop.
+        try:
+            reply = await sent
+        except (NoScript, ConnectionLost):  # the general call reloads the script, or reconnects
+            return await self.admit(admission)
+        return self._decision(admission, layout, added, reply)
+
+    def _admit_call(self, admission: Admission) -> tuple[ScriptLayout, list[str], list[str | int], list[int]]:
+        """admit.lua's keys and arguments (and the layout and count the reply is read with)."""
         if admission.tokens < 0 or admission.cost_micro_usd < 0:
             raise ValueError("an admission cannot reserve negative tokens or cost")
         layout = self._layouts.get(admission.limits, admission.tag, admission.day, admission.month,
                                    admission.lease_seconds)
         args, added = admit_args(layout, admission)
         keys = [self._key(record_key(admission.tag, admission.request_id)), *layout.keys]
-        reply = await self._run(self._admit, keys, args)
+        return layout, keys, args, added
+
+    def _decision(self, admission: Admission, layout: ScriptLayout, added: list[int], reply: Any) -> Decision:
         try:
             admitted, seen, frees, replayed = read_admit_reply(reply, added)
         except (TypeError, ValueError) as exc:
@@ -230,10 +267,12 @@ class RedisStore:
         keys, args = self._record_call(reservation, usage, now)
         sent = conn.send(pack(("EVALSHA", self._record.sha, len(keys), *keys, *args)))
         out: asyncio.Future[bool] = sent.get_loop().create_future()
-        sent.add_done_callback(lambda f: self._soon_recorded(f, usage, out))
+        sent.add_done_callback(functools.partial(self._soon_recorded, usage, out))
         return out
 
-    def _soon_recorded(self, sent: asyncio.Future[Any], usage: AggregateDelta, out: asyncio.Future[bool]) -> None:
+    def _soon_recorded(self, usage: AggregateDelta, out: asyncio.Future[bool], sent: asyncio.Future[Any]) -> None:
+        if out.done():
+            return
         try:
             recorded, created = _recorded(sent.result())
         except BaseException as exc:  # StoreError, NoScript, ConnectionLost, a cancel: the caller's
@@ -243,14 +282,13 @@ class RedisStore:
             out.set_result(recorded)
             return
         # The hash was gone (Redis lost data, or it expired): list it again before saying done.
-        task = sent.get_loop().create_task(self._index(usage, force=True))
-        self._reindexing.add(task)
+        task = sent.get_loop().create_task(self._relisted(usage, recorded))
+        self._retrying.add(task)
+        task.add_done_callback(functools.partial(_chain, self._retrying, out))
 
-        def finish(t: asyncio.Task[bool]) -> None:
-            self._reindexing.discard(t)
-            exc = None if t.cancelled() else t.exception()
-            out.set_exception(exc) if exc is not None else out.set_result(recorded)
-        task.add_done_callback(finish)
+    async def _relisted(self, usage: AggregateDelta, recorded: bool) -> bool:
+        await self._index(usage, force=True)
+        return recorded
 
     def _record_call(self, reservation: Reservation | None, usage: AggregateDelta,
                      now: float) -> tuple[list[str], list[str | int]]:
@@ -606,6 +644,21 @@ def _settle_future(fut: asyncio.Future[Any], result: Any = None, exc: BaseExcept
         fut.set_exception(exc)
     else:
         fut.set_result(result)
+
+
+def _chain(held: set[asyncio.Task[Any]], out: asyncio.Future[Any], task: asyncio.Task[Any]) -> None:
+    """A follow-up task's outcome becomes `out`'s (unless its caller gave up on it)."""
+    held.discard(task)
+    if out.done():
+        if not task.cancelled():
+            task.exception()  # retrieved: no "never retrieved" warning
+        return
+    if task.cancelled():
+        out.set_exception(StoreError("redis call cancelled"))
+    elif (exc := task.exception()) is not None:
+        out.set_exception(exc)
+    else:
+        out.set_result(task.result())
 
 
 def _recorded(reply: Any) -> tuple[bool, bool]:

@@ -14,9 +14,10 @@ Contract (one test suite checks it against both stores):
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class LimitName(StrEnum):
@@ -216,6 +217,11 @@ class QuotaStore(UsageStore, Protocol):
     async def ping(self) -> bool: ...
 
     async def admit(self, admission: Admission) -> Decision: ...
+
+    def admit_soon(self, admission: Admission) -> Coroutine[Any, Any, Decision] | None:
+        """`admit` with its command sent at once and fewer coroutine layers: await what it returns
+        (it fails as `admit` would); None, having done nothing, where the store cannot."""
+        ...
 
     async def settle(
         self, reservation: Reservation, tokens: int, cost_micro_usd: int, now: float

@@ -81,7 +81,14 @@ class StoreLink:
         if self._embedded is not None:  # cannot fail or wait: no guard, no coroutine layers
             return self._embedded.admit_now(adm), False
         try:
-            return await self._guarded("admit", lambda: self.store.admit(adm)), False
+            sent = None if self._state.down else self.store.admit_soon(adm)
+            if sent is None:
+                return await self._guarded("admit", lambda: self.store.admit(adm)), False
+            try:  # sent already (the lean Redis connection): `_guarded`'s failure handling, no layers
+                return await sent, False
+            except StoreError as e:
+                self._store_failed("admit", e, False)
+                raise _StoreDown from e
         except _StoreDown:
             pass
         if self.config.on_store_failure == "closed":
