@@ -2,8 +2,7 @@
 per admit and per settle, every redis error re-raised as `StoreError`.
 
 A plain `redis://` or `unix://` URL to one server is served entirely by the lean RESP connection
-(`resp`); redis-py (about 5 MiB of resident memory) is imported only for Redis Cluster, TLS and
-URLs with options.
+(`resp`); Redis Cluster, TLS and URLs with options go through redis-py (`redis_py`).
 """
 from __future__ import annotations
 
@@ -11,10 +10,10 @@ import asyncio
 import functools
 import hashlib
 import json
-from collections.abc import Awaitable, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
 from datetime import UTC, tzinfo
 from importlib import resources
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from proxy.errors import StoreError
@@ -44,8 +43,9 @@ from proxy.quota.counters import (
 )
 from proxy.quota.layout import Layouts, Seen, passing_states
 from proxy.quota.redis_direct import ScriptLayout, admit_args, read_admit_reply, settle_args
+from proxy.quota.redis_py import PyClient, open_py
 from proxy.quota.resp import (
-    Arg,
+    Command,
     ConnectionLost,
     Endpoint,
     NoScript,
@@ -64,17 +64,11 @@ from proxy.quota.store import (
     StoredKey,
 )
 
-if TYPE_CHECKING:  # redis-py is imported at run time only when a URL needs it
-    from redis.asyncio import Redis
-    from redis.asyncio.cluster import RedisCluster
-
-Command = tuple[Arg, ...]
-
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
-class _Script:
+class Script:
     """A Lua file, its SHA1 computed here so EVALSHA works before SCRIPT LOAD ever answered."""
 
     def __init__(self, name: str) -> None:
@@ -127,10 +121,10 @@ class RedisStore:
         self._timeout = timeout_seconds
         self._tz = tz
         self._resp: RespClient | None = None  # plain Redis: the one connection for everything
-        self._py: _PyClient | None = None  # otherwise redis-py
+        self._py: PyClient | None = None  # otherwise redis-py
         self._connecting = asyncio.Lock()  # a burst before the first connect opens one client
-        self._admit = _Script("admit.lua")
-        self._record = _Script("record.lua")
+        self._admit = Script("admit.lua")
+        self._record = Script("record.lua")
         self._indexed: set[tuple[str, str]] = set()  # (day, member) this process put in a day index
         self._retrying: set[asyncio.Task[Any]] = set()  # a settle's re-listing, held until done (weak refs otherwise)
         self._layouts: Layouts[ScriptLayout] = Layouts(tz, prefix, ScriptLayout)  # per subject: its keys and script arguments
@@ -413,7 +407,7 @@ class RedisStore:
         except StoreError as exc:
             raise StoreError(f"redis {what} failed: {exc}") from exc
 
-    async def _run(self, script: _Script, keys: list[str], args: list[str | int]) -> Any:
+    async def _run(self, script: Script, keys: list[str], args: list[str | int]) -> Any:
         resp = self._resp
         if resp is None:
             conn = await self._connect()
@@ -426,7 +420,7 @@ class RedisStore:
             # Redis restarted or failed over and lost its script cache: EVAL reloads it.
             return await resp.call(pack(("EVAL", script.source, len(keys), *keys, *args)))
 
-    async def _connect(self) -> RespClient | _PyClient:
+    async def _connect(self) -> RespClient | PyClient:
         conn = self._resp or self._py
         if conn is not None:
             return conn
@@ -436,7 +430,8 @@ class RedisStore:
                 endpoint = None if self._cluster else endpoint_from_url(self._url)
                 self._resp = await self._open_resp(endpoint) if endpoint is not None else None
                 if self._resp is None:  # not a plain URL, or the server is a cluster node
-                    self._py = await self._open_py()
+                    self._py, self._cluster = await open_py(self._url, self._cluster, self._timeout,
+                                                            (self._admit, self._record))
                 conn = self._resp or self._py
             assert conn is not None
             return conn
@@ -457,53 +452,6 @@ class RedisStore:
             raise
         return resp
 
-    async def _open_py(self) -> _PyClient:
-        from redis.asyncio import Redis
-        from redis.asyncio.cluster import RedisCluster
-        from redis.asyncio.retry import Retry
-        from redis.backoff import ExponentialBackoff, NoBackoff
-        from redis.exceptions import RedisError
-
-        options: dict[str, Any] = {
-            "socket_connect_timeout": self._timeout,
-            "socket_timeout": self._timeout,
-        }
-        try:
-            if self._cluster is None:
-                self._cluster = await _detect_cluster(self._url, options)
-            client: Redis | RedisCluster
-            if self._cluster:
-                client = RedisCluster.from_url(
-                    self._url, retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2), **options)
-                await client.initialize()
-            else:
-                # One quick retry heals a pooled connection Redis closed; no backoff, no hang.
-                # Retrying a script is safe: admit.lua and record.lua are idempotent.
-                client = Redis.from_url(self._url, retry=Retry(NoBackoff(), 1), **options)
-            try:
-                await _awaited(client.script_load(self._admit.source))
-                await _awaited(client.script_load(self._record.source))
-            except BaseException:
-                await client.aclose()
-                raise
-        except (RedisError, OSError) as exc:
-            raise StoreError(f"cannot connect to redis: {exc}") from exc
-        return _PyClient(client)
-
-
-async def _detect_cluster(url: str, options: dict[str, Any]) -> bool:
-    from redis.asyncio import Redis
-    from redis.asyncio.retry import Retry
-    from redis.backoff import NoBackoff
-
-    probe = Redis.from_url(url, retry=Retry(NoBackoff(), 0), **options)
-    try:
-        info = await probe.info("cluster")
-    finally:
-        await probe.aclose()
-    return bool(int(info.get("cluster_enabled", 0)))
-
-
 def _cluster_enabled(info: bytes) -> bool:
     """`cluster_enabled:N` from an `INFO cluster` reply."""
     for line in info.decode("utf-8", "replace").splitlines():
@@ -511,58 +459,6 @@ def _cluster_enabled(info: bytes) -> bool:
         if name == "cluster_enabled":
             return bool(int(value))
     return False
-
-
-class _PyClient:
-    """redis-py, for what the lean connection does not speak: Redis Cluster, TLS, URLs with
-    options. Its errors come out as `StoreError`."""
-
-    def __init__(self, client: Redis | RedisCluster) -> None:
-        from redis.asyncio import Redis
-        from redis.exceptions import NoScriptError, RedisError
-
-        self.client = client
-        self.errors: tuple[type[Exception], ...] = (RedisError, OSError)
-        self.no_script: type[Exception] = NoScriptError
-        # Plain Redis: script calls made in the same event-loop turn share one pipelined round trip.
-        self._batch = _Batcher(self, client) if isinstance(client, Redis) else None
-
-    async def run(self, commands: Sequence[Command]) -> list[Any]:
-        try:
-            pipe = self.client.pipeline(transaction=False)
-            for command in commands:
-                pipe.execute_command(*command)
-            return cast(list[Any], await pipe.execute())
-        except self.errors as exc:
-            raise StoreError(str(exc)) from exc
-
-    async def script(self, script: _Script, keys: list[str], args: list[str | int]) -> Any:
-        if self._batch is not None:
-            return await self._batch.call(script, keys, args)
-        return await self.script_one(script, keys, args)
-
-    async def script_one(self, script: _Script, keys: list[str], args: list[str | int]) -> Any:
-        client = self.client
-        try:
-            try:
-                return await _awaited(client.evalsha(script.sha, len(keys), *keys, *args))
-            except self.no_script:
-                # Redis restarted or failed over and lost its script cache: EVAL reloads it.
-                return await _awaited(client.eval(script.source, len(keys), *keys, *args))
-        except self.errors as exc:
-            raise StoreError(f"redis script failed: {exc}") from exc
-
-    async def ping(self) -> bool:
-        try:
-            return bool(await _awaited(self.client.ping()))
-        except self.errors as exc:
-            raise StoreError(str(exc)) from exc
-
-    async def close(self) -> None:
-        try:
-            await self.client.aclose()
-        except self.errors as exc:
-            raise StoreError(f"closing redis: {exc}") from exc
 
 
 LEDGER_STREAM = "ledger"
@@ -579,71 +475,6 @@ def _stored_key(raw: str | bytes) -> StoredKey:
     d = json.loads(raw)
     return StoredKey(str(d["key_id"]), str(d["digest"]), str(d["user"]), d.get("team"), d.get("plan"),
                      bool(d.get("trusted")), float(d.get("created") or 0.0))
-
-
-class _Batcher:
-    """Auto-pipelining: script calls issued while the loop runs one turn go out together, in one
-    pipeline (one write, one read) instead of one round trip each, which under load cuts redis-py's
-    per-call CPU. Each call still gets its own reply or error; a lone call goes out alone."""
-
-    def __init__(self, owner: _PyClient, client: Redis) -> None:
-        self._owner = owner
-        self._client = client
-        self._pending: list[tuple[_Script, list[str], list[str | int], asyncio.Future[Any]]] = []
-
-    def call(self, script: _Script, keys: list[str], args: list[str | int]) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Any] = loop.create_future()
-        if not self._pending:
-            loop.call_soon(self._flush)
-        self._pending.append((script, keys, args, fut))
-        return fut
-
-    def _flush(self) -> None:
-        batch, self._pending = self._pending, []
-        task = asyncio.get_running_loop().create_task(self._send(batch))
-        task.add_done_callback(_ignore)
-
-    async def _send(self, batch: list[tuple[_Script, list[str], list[str | int], asyncio.Future[Any]]]) -> None:
-        owner = self._owner
-        if len(batch) == 1:
-            script, keys, args, fut = batch[0]
-            try:
-                result = await owner.script_one(script, keys, args)
-            except StoreError as exc:
-                _settle_future(fut, exc=exc)
-            else:
-                _settle_future(fut, result)
-            return
-        try:
-            pipe = self._client.pipeline(transaction=False)
-            for script, keys, args, _ in batch:
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
-            results = await pipe.execute(raise_on_error=False)
-        except owner.errors as exc:
-            for *_, fut in batch:
-                _settle_future(fut, exc=StoreError(f"redis script failed: {exc}"))
-            return
-        for (script, keys, args, fut), result in zip(batch, results, strict=True):
-            if isinstance(result, owner.no_script):  # the script cache was lost: this one alone, by EVAL
-                try:
-                    result = await owner.script_one(script, keys, args)
-                except StoreError as exc:
-                    _settle_future(fut, exc=exc)
-                    continue
-            if isinstance(result, Exception):
-                _settle_future(fut, exc=StoreError(f"redis script failed: {result}"))
-            else:
-                _settle_future(fut, result)
-
-
-def _settle_future(fut: asyncio.Future[Any], result: Any = None, exc: BaseException | None = None) -> None:
-    if fut.done():  # the caller gave up (its timeout): nothing to hand over
-        return
-    if exc is not None:
-        fut.set_exception(exc)
-    else:
-        fut.set_result(result)
 
 
 def _chain(held: set[asyncio.Task[Any]], out: asyncio.Future[Any], task: asyncio.Task[Any]) -> None:
@@ -667,16 +498,6 @@ def _recorded(reply: Any) -> tuple[bool, bool]:
         return bool(int(reply[0])), bool(int(reply[2]))
     except (TypeError, ValueError, IndexError) as exc:
         raise StoreError(f"record.lua answered {reply!r}") from exc
-
-
-def _ignore(task: asyncio.Task[None]) -> None:
-    if not task.cancelled():
-        task.exception()
-
-
-def _awaited(reply: Awaitable[Any] | Any) -> Awaitable[Any]:
-    """redis-py types replies as `Awaitable[T] | T` for sync and async clients alike."""
-    return cast(Awaitable[Any], reply)
 
 
 def _hash(reply: Any) -> dict[Any, Any]:

@@ -19,6 +19,7 @@ import hiredis
 from proxy.errors import StoreError
 
 Arg = str | bytes | int | float
+Command = tuple[Arg, ...]  # one command: its name and arguments
 
 
 class NoScript(StoreError):
