@@ -172,9 +172,11 @@ class _Pump:
         """(complete, why it was ended early, the last bytes: not yet written when complete)."""
         tap = self.tap
         write = self.resp.write
+        flushed = False  # the status line and headers are out
         while True:
-            if not upstream.ready:
-                await write(b"")  # a wait ahead: the headers go now (a no-op once they have)
+            if not flushed and not upstream.ready:
+                await write(b"")  # a wait ahead: the headers go now
+                flushed = True
             chunk = await upstream.readany()
             if not chunk:
                 return True, None, tap.flush() if self.sse else b""
@@ -195,6 +197,7 @@ class _Pump:
                 return True, None, send
             if send:
                 await write(send)
+                flushed = True
             if end_error is not None:
                 return False, end_error, b""
 
