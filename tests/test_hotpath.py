@@ -107,6 +107,8 @@ async def _dump(store: RedisStore, prefix: str) -> dict[str, object]:
 @pytest.mark.parametrize("seed", range(8))
 async def test_redis_direct_admission_decides_and_counts_as_the_general_path_and_the_memory_store(redis_server: RedisProc,
                                                                             seed: int) -> None:
+    """`fast` takes what the proxy takes: admit_soon and settle_and_record_soon (the commands sent at
+    once, the direct path); `slow` the coroutine calls and the general path; `memory` the embedded store."""
     rng = random.Random(seed)
     run = uuid.uuid4().hex[:8]
     fast, slow = RedisStore(redis_server.url, prefix=f"f{run}:"), RedisStore(redis_server.url, prefix=f"s{run}:")
@@ -115,10 +117,12 @@ async def test_redis_direct_admission_decides_and_counts_as_the_general_path_and
     await slow.start()
     memory = MemoryStore()  # the reference: the same decisions from counters kept in Python
     live: list[tuple[Decision, Decision, Decision]] = []
-    direct = 0
+    direct = sent_settles = 0
     try:
         for i, adm in enumerate(_random_admissions(rng, 150, 1800)):
-            a, b, c = await fast.admit(adm), await slow.admit(adm), memory.admit_now(adm)
+            sent = fast.admit_soon(adm)
+            assert sent is not None  # the lean connection is open
+            a, b, c = await sent, await slow.admit(adm), memory.admit_now(adm)
             assert a == b
             assert a == c
             direct += a.admitted and not a.shadow_denied
@@ -128,11 +132,15 @@ async def test_redis_direct_admission_decides_and_counts_as_the_general_path_and
                 da, db, dc = live.pop(rng.randrange(len(live)))
                 assert da.reservation is not None and db.reservation is not None and dc.reservation is not None
                 usage = _random_usage(rng, f"e{i}", adm.day)
-                assert await fast.settle_and_record(da.reservation, usage, adm.now) == \
-                    await slow.settle_and_record(db.reservation, usage, adm.now) == \
+                settled = fast.settle_and_record_soon(da.reservation, usage, adm.now)
+                sent_settles += settled is not None  # None only before the day index lists the subject
+                fast_recorded = await (settled if settled is not None else
+                                       fast.settle_and_record(da.reservation, usage, adm.now))
+                assert fast_recorded == await slow.settle_and_record(db.reservation, usage, adm.now) == \
                     memory.settle_and_record_now(dc.reservation, usage, adm.now)
         assert await _dump(fast, f"f{run}:") == await _dump(slow, f"s{run}:")
         assert direct > 20  # the direct path was taken, not only the general one
+        assert sent_settles > 10  # and the settles sent at once
     finally:
         await fast.close()
         await slow.close()
