@@ -290,3 +290,23 @@ async def test_tracker_waits_for_tracked_futures_then_records(caplog: pytest.Log
         await tracker.drain()
     assert done == ["ok", "handed over"] and len(tracker) == 0
     assert "settle/record failed" in caplog.text
+
+
+def test_per_subject_caches_hold_200_000_subjects() -> None:
+    """Every per-subject cache the request path keeps holds at least 200,000 subjects. One bound
+    below the active subjects sends every request past it (the redis store remembered 100,000
+    listed aggregate hashes: at 100,000 users each settle went the slow way, with a round trip
+    more). History is bounded lower on purpose: a miss there costs only a full-size reservation."""
+    from proxy import auth
+    from proxy.quota import counters, gate, limits, redis_store
+
+    bounds = {
+        "auth subjects": auth._MAX_CACHED_SUBJECTS,
+        "gate profiles": gate._PROFILES_MAX,
+        "limit book": limits._CACHE_MAX,
+        "layouts": counters.SHAPE_CACHE_MAX,
+        "listed aggregate hashes": redis_store._INDEXED_MAX,
+        **{f"{f.__name__} cache": f.cache_info().maxsize or 0
+           for f in (counters.hash_tag, counters.aggregate_key, counters.index_member)},
+    }
+    assert {name: n for name, n in bounds.items() if n < 200_000} == {}

@@ -19,11 +19,13 @@ from proxy.quota.memory import MemoryStore
 from proxy.quota.redis_store import RedisStore, split_cluster_flag
 from proxy.quota.store import (
     Admission,
+    AggregateDelta,
     Decision,
     Limit,
     LimitName,
     QuotaStore,
     Reservation,
+    Totals,
 )
 
 T0 = 1_900_000_000.25  # 2030-03-17T17:46:40Z, mid-day UTC
@@ -349,6 +351,36 @@ async def test_admit_and_settle_are_one_round_trip_each(redis_server: RedisProc)
             settled, sent = await _client_commands(
                 observer, store.settle(reservation(decision), 1, 1, T0 + 1))
             assert settled and sent == ["evalsha"]
+    finally:
+        await observer.aclose()
+        await store.close()
+
+
+async def test_a_hash_is_listed_in_its_day_index_once_a_day(redis_server: RedisProc) -> None:
+    """The day index gets one SADD per aggregate hash and day from this process: not on every
+    settle (a round trip more), and again for a day it has since forgotten."""
+    store = RedisStore(redis_server.url, prefix=f"t{uuid.uuid4().hex[:8]}:")
+    await store.start()
+    observer = Redis.from_url(redis_server.url, decode_responses=True)
+
+    async def sent(day: str, user: str = "al") -> list[str]:
+        delta = AggregateDelta(uuid.uuid4().hex, user, day, user, None, "gpt-x", Totals(requests=1))
+        recorded, commands = await _client_commands(observer, store.settle_and_record(None, delta, T0))
+        assert recorded
+        return commands
+
+    try:
+        assert "sadd" in await sent("2030-03-17")
+        assert await sent("2030-03-17") == ["evalsha"]
+        assert "sadd" in await sent("2030-03-17", "bo")  # another hash, the same day
+        assert "sadd" in await sent("2030-03-18")
+        assert await sent("2030-03-17") == ["evalsha"]  # the day before the newest is kept
+        assert "sadd" in await sent("2030-03-19")
+        assert await sent("2030-03-18") == ["evalsha"]
+        assert "sadd" in await sent("2030-03-17")  # older ones are forgotten: listed again
+        assert "sadd" in await sent("2030-03-17")  # (and not remembered over the two newest)
+        index = await observer.smembers(f"{store._prefix}agg-index:2030-03-17")
+        assert len(index) == 2  # listing again writes nothing new
     finally:
         await observer.aclose()
         await store.close()

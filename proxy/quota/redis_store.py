@@ -20,6 +20,7 @@ from proxy.errors import StoreError
 from proxy.quota.counters import (
     AGG_TTL_SECONDS,
     SEEN_TTL_SECONDS,
+    SHAPE_CACHE_MAX,
     Counter,
     CounterKind,
     CounterView,
@@ -64,6 +65,9 @@ from proxy.quota.store import (
     StoredKey,
 )
 
+# Aggregate hashes remembered as listed, per day: as many subjects as the other per-subject caches
+# hold (a bound below the active subjects would re-list, one extra round trip, on every settle).
+_INDEXED_MAX = SHAPE_CACHE_MAX
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -125,7 +129,7 @@ class RedisStore:
         self._connecting = asyncio.Lock()  # a burst before the first connect opens one client
         self._admit = Script("admit.lua")
         self._record = Script("record.lua")
-        self._indexed: set[tuple[str, str]] = set()  # (day, member) this process put in a day index
+        self._indexed: dict[str, set[str]] = {}  # day -> members this process put in that day's index
         self._retrying: set[asyncio.Task[Any]] = set()  # a settle's re-listing, held until done (weak refs otherwise)
         self._layouts: Layouts[ScriptLayout] = Layouts(tz, prefix, ScriptLayout)  # per subject: its keys and script arguments
 
@@ -314,14 +318,21 @@ class RedisStore:
         member = index_member(usage.tag, usage.user, usage.team)
         key = self._key(index_key(usage.day))
         await self._commands([("SADD", key, member), ("EXPIRE", key, AGG_TTL_SECONDS)], "index write")
-        if len(self._indexed) >= 100_000:
-            self._indexed.clear()
-        self._indexed.add((usage.day, member))
+        listed = self._indexed.get(usage.day)
+        if listed is None:
+            listed = self._indexed[usage.day] = set()
+            # The two newest days (requests admitted before midnight settle after it).
+            for day in sorted(self._indexed)[:-2]:
+                del self._indexed[day]
+        elif len(listed) >= _INDEXED_MAX:
+            listed.clear()  # forgetting only costs a re-listing (one SADD) per hash
+        listed.add(member)
         return True
 
     def _listed(self, usage: AggregateDelta) -> bool:
         """Whether this process already put the event's aggregate hash in its day's index."""
-        return (usage.day, index_member(usage.tag, usage.user, usage.team)) in self._indexed
+        listed = self._indexed.get(usage.day)
+        return listed is not None and index_member(usage.tag, usage.user, usage.team) in listed
 
     async def aggregates(self, days: tuple[str, ...], user: str | None = None,
                          team: str | None = None) -> tuple[AggregateRow, ...]:
