@@ -321,7 +321,8 @@ class RedisStore:
         listed = self._indexed.get(usage.day)
         if listed is None:
             listed = self._indexed[usage.day] = set()
-            # The two newest days (requests admitted before midnight settle after it).
+            # The two newest days (requests admitted before midnight settle after it); a late
+            # event for an older day is listed but not remembered.
             for day in sorted(self._indexed)[:-2]:
                 del self._indexed[day]
         elif len(listed) >= _INDEXED_MAX:
