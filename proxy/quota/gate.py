@@ -318,7 +318,7 @@ class Gate(StoreLink):
             return True
         if ticket.settled:
             return True
-        if ticket.local or ticket.topup is not None or ticket.extensions:
+        if not _one_store_call(ticket):
             return False
         self._settling(ticket)
         try:
@@ -334,8 +334,7 @@ class Gate(StoreLink):
         to wait (no top-up, the store not down). The future is done once settled; if the command
         fails, `settle`'s own path takes over (retry, store health, replay). None, having done
         nothing: `settle` it."""
-        if self._state.down or (ticket is not None and (
-                ticket.settled or ticket.local or ticket.topup is not None or ticket.extensions)):
+        if self._state.down or (ticket is not None and (ticket.settled or not _one_store_call(ticket))):
             return None
         usage = self._usage(rec, ticket)
         res = ticket.reservation if ticket is not None else None
@@ -496,3 +495,9 @@ class Gate(StoreLink):
         if decision.reservation is not None:
             ticket.extensions.append((decision.reservation, local))
         return decision
+
+
+def _one_store_call(ticket: Ticket) -> bool:
+    """Whether settling `ticket` is its one store call and nothing else: no local admission to
+    replay, no top-up under way or held (what `settle_now` and `settle_soon` can do at once)."""
+    return not (ticket.local or ticket.topup is not None or ticket.extensions)
