@@ -35,8 +35,8 @@ def _general_only() -> MemoryStore:
 
 
 def _state(store: MemoryStore) -> tuple[object, ...]:
-    windows = {k: (dict(w.buckets), w.total) for k, w in store._windows.items()}
-    return windows, dict(store._periods), dict(store._expires), dict(store._records), store._aggs
+    cells = {k: (dict(c.buckets), c.total, c.expiry, c.leases) for k, c in store._cells.items()}
+    return cells, dict(store._records), store._aggs
 
 
 _LIMIT_SETS = [
@@ -217,10 +217,10 @@ def test_sweep_drops_expired_counters_a_slice_per_admission() -> None:
         assert store.admit_now(Admission(f"r{i}", f"u{i}", rpm, 1, 0, T0, "2030-03-17", "2030-03")).admitted
     later = T0 + 3600  # past every window's and record's expiry
     store.admit_now(Admission("first", "other", rpm, 1, 0, later, "2030-03-17", "2030-03"))
-    assert len(store._expires) == n - _SWEEP_SLICE + 1  # the sweep began: one slice looked at, not all
+    assert len(store._cells) == n - _SWEEP_SLICE + 1  # the sweep began: one slice looked at, not all
     for i in range(4):
         store.admit_now(Admission(f"more{i}", "other", rpm, 1, 0, later, "2030-03-17", "2030-03"))
-    assert len(store._expires) == 1 and "other" in next(iter(store._expires))  # the rest: swept
+    assert len(store._cells) == 1 and "other" in next(iter(store._cells))  # the rest: swept
     assert not store._sweeping
 
 

@@ -309,10 +309,11 @@ async def test_memory_store_drops_expired_counters() -> None:
                               lim(LimitName.USD_PER_DAY, 5, scope=f"user:{i}"), cost=1,
                               now=T0 + i))
     # Windows outlive their last use by at most their TTL plus one sweep interval.
-    assert len(store._windows) <= 62 + 60 and len(store._periods) == 200
+    windows = [k for k in store._cells if k.endswith(":rpm")]
+    assert len(windows) <= 62 + 60 and len(store._cells) - len(windows) == 200
     # Each admission sweeps one slice of the keys there were when the sweep began: 600 keys, 3 slices.
     later = [await store.admit(adm(rid=f"later-{i}", now=T0 + 4 * 86_400)) for i in range(3)]
-    assert (store._windows, store._periods) == ({}, {})
+    assert store._cells == {}
     ids = [reservation(d).request_id for d in later]
     assert len(store._records) == 3 and all(any(i in k for i in ids) for k in store._records)
 

@@ -1,4 +1,4 @@
-"""The embedded quota store: one process, no server, exact; its counters live in dicts here."""
+"""The embedded quota store: one process, no server, exact; its counters live in this process."""
 from __future__ import annotations
 
 import asyncio
@@ -35,6 +35,7 @@ from proxy.quota.layout import (
     CounterSlot,
     Layout,
     Layouts,
+    LimitCheck,
     Seen,
     passing_states,
     record_ttl_seconds,
@@ -51,16 +52,23 @@ from proxy.quota.store import (
 )
 
 
-class _Window:
-    """A sliding window's per-second buckets, oldest first, with their running total, so a view
-    costs only the buckets that left the window since the last one."""
+class _Cell:
+    """One counter and when it expires: a sliding window's per-second buckets, oldest first, with
+    their running total (a view costs only the buckets that left the window since the last one),
+    a period's total, or a concurrency counter's leases.
 
-    __slots__ = ("buckets", "total", "last")
+    A subject's layout holds its cells, so the direct paths reach its counters without a lookup in
+    the store's dict of every subject's; a cell the store drops is marked dead for them."""
+
+    __slots__ = ("buckets", "total", "last", "expiry", "leases", "dead")
 
     def __init__(self) -> None:
         self.buckets: dict[int, int] = {}
         self.total = 0
         self.last = -math.inf  # newest second inserted: keeps `buckets` in time order
+        self.expiry = -math.inf  # set by whoever adds to it
+        self.leases: dict[str, float] | None = None  # LEASES: request_id -> lease expiry
+        self.dead = False
 
     def expire(self, low: int) -> None:
         b = self.buckets
@@ -89,12 +97,24 @@ class _Window:
             b.pop(second, None)
 
 
+class _Layout(Layout):
+    """A layout with its counters' cells, found on first use."""
+
+    __slots__ = ("cells",)
+
+    def __init__(self, limits: tuple[Limit, ...], counters: tuple[CounterSlot, ...],
+                 checks: tuple[LimitCheck, ...], lease_seconds: float) -> None:
+        super().__init__(limits, counters, checks, lease_seconds)
+        self.cells: list[_Cell | None] = [None] * len(counters)
+
+
 _SWEEP_SLICE = 256  # keys a sweep looks at per admission
 
-def _sweep_slice(pending: list[str], expiries: dict[str, float], drop: Callable[[str], None], now: float) -> None:
+def _sweep_slice(pending: list[str], expiry_of: Callable[[str], float | None], drop: Callable[[str], None],
+                 now: float) -> None:
     """Look at the last slice of `pending` (taken off it from the end: no copy), dropping what expired."""
     for key in pending[-_SWEEP_SLICE:]:
-        expiry = expiries.get(key)
+        expiry = expiry_of(key)
         if expiry is not None and expiry <= now:
             drop(key)
     del pending[-_SWEEP_SLICE:]
@@ -109,11 +129,8 @@ class MemoryStore:
 
     def __init__(self, *, tz: tzinfo = UTC, sweep_interval_seconds: float = 60.0) -> None:
         self._tz = tz
-        self._windows: dict[str, _Window] = {}
-        self._periods: dict[str, int] = {}
-        self._leases: dict[str, dict[str, float]] = {}
+        self._cells: dict[str, _Cell] = {}  # counter key -> its cell
         self._records: dict[str, float] = {}  # record key -> expiry
-        self._expires: dict[str, float] = {}  # counter key -> expiry
         self._sweep_interval = sweep_interval_seconds
         self._next_sweep = -math.inf
         self._sweeping: list[str] = []  # counter keys the running sweep has yet to look at
@@ -124,7 +141,7 @@ class MemoryStore:
         self._seen: dict[str, float] = {}
         self._seen_order: deque[str] = deque()
         self._keys: dict[str, StoredKey] = {}  # digest -> key created through the admin API
-        self._layouts = Layouts(tz, "", Layout)
+        self._layouts = Layouts(tz, "", _Layout)
 
     @property
     def bounds_own_calls(self) -> bool:
@@ -164,46 +181,42 @@ class MemoryStore:
         tokens, cost = admission.tokens, admission.cost_micro_usd
         if tokens < 0 or cost < 0:
             return None  # the general path raises
-        seen = self._fast_views(layout.counters, tokens, cost, now)
+        seen = self._fast_views(layout, tokens, cost, now)
         states = passing_states(layout.checks, seen, now)
         if states is None:
             return None  # refused or shadow-refused: the general path says which and why
         second = math.floor(now)
-        windows, periods, expires = self._windows, self._periods, self._expires
-        for (kind, _, key, ttl), (_, _, added) in zip(layout.counters, seen, strict=True):
+        cells = layout.cells
+        for i, ((kind, _, key, ttl), (_, _, added)) in enumerate(zip(layout.counters, seen, strict=True)):
             if added == 0:
                 continue
+            cell = cells[i]  # live: `_fast_views` just looked
+            if cell is None:
+                cell = cells[i] = self._new_cell(key)
             if kind is CounterKind.WINDOW:
-                window = windows.get(key)
-                if window is None:
-                    window = windows[key] = _Window()
-                window.add(second, added)
+                cell.add(second, added)
             else:
-                periods[key] = periods.get(key, 0) + added
-            expires[key] = now + ttl
+                cell.total += added
+            cell.expiry = now + ttl
         self._records[record] = now + record_ttl_seconds(admission.lease_seconds)
         return Decision(True, reservation_of(admission), tuple(states), None, 0.0, ())
 
-    def _fast_views(self, counters: tuple[CounterSlot, ...], tokens: int, cost: int, now: float) -> list[Seen]:
-        """Per counter: (used, oldest window bucket, what this admission adds), as `_view` sees it."""
-        expires, windows, periods = self._expires, self._windows, self._periods
+    def _fast_views(self, layout: _Layout, tokens: int, cost: int, now: float) -> list[Seen]:
+        """Per counter: (used, oldest window bucket, what this admission adds), as `_view` sees it;
+        leaves `layout.cells` holding each counter's live cell, or None."""
         low = math.floor(now) - WINDOW_SECONDS + 1
+        cells = layout.cells
         seen: list[Seen] = []
-        for kind, measure, key, _ in counters:
+        for i, (kind, measure, key, _) in enumerate(layout.counters):
             added = amount_of(measure, tokens, cost)
-            expiry = expires.get(key)
-            if expiry is not None and expiry <= now:
-                self._drop(key)
+            cell = self._held(cells, i, key, now)
+            if cell is None:
                 seen.append((0, None, added))
             elif kind is CounterKind.WINDOW:
-                window = windows.get(key)
-                if window is None:
-                    seen.append((0, None, added))
-                else:
-                    window.expire(low)
-                    seen.append((window.total, next(iter(window.buckets)) if window.buckets else None, added))
+                cell.expire(low)
+                seen.append((cell.total, next(iter(cell.buckets)) if cell.buckets else None, added))
             else:
-                seen.append((periods.get(key, 0), None, added))
+                seen.append((cell.total, None, added))
         return seen
 
     def _admit(self, admission: Admission) -> Decision:
@@ -238,8 +251,11 @@ class MemoryStore:
         # The reservation's counters from their cached layout (no Counter objects): what
         # `reservation_plan` gives.
         layout = self._layouts.of_reservation(reservation)
-        for kind, measure, key, ttl in layout.counters:
-            self._adjust(kind, key, ttl, reservation, settle_delta(measure, reservation, tokens, cost_micro_usd), now)
+        cells = layout.cells
+        for i, (kind, measure, key, ttl) in enumerate(layout.counters):
+            delta = settle_delta(measure, reservation, tokens, cost_micro_usd)
+            if kind is CounterKind.LEASES or delta != 0:
+                cells[i] = self._adjust(kind, key, ttl, self._held(cells, i, key, now), reservation, delta, now)
         return True
 
     async def usage(self, limits: tuple[Limit, ...], tag: str, now: float, day: str,
@@ -249,18 +265,40 @@ class MemoryStore:
         views = tuple(self._view(c, now, write=False) for c in plan_.counters)
         return limit_states(limits, plan_, views, False, now, periods)
 
-    def _live(self, key: str, now: float) -> bool:
-        expiry = self._expires.get(key)
-        if expiry is not None and expiry <= now:
+    def _live(self, key: str, now: float) -> _Cell | None:
+        """The key's cell, None if it has none or it expired (then it is dropped)."""
+        cell = self._cells.get(key)
+        if cell is not None and cell.expiry <= now:
             self._drop(key)
-            return False
-        return True
+            return None
+        return cell
+
+    def _held(self, cells: list[_Cell | None], i: int, key: str, now: float) -> _Cell | None:
+        """`_live` for a layout's i-th counter, through the cell it holds while that lives."""
+        cell = cells[i]
+        if cell is None or cell.dead:
+            cell = cells[i] = self._cells.get(key)
+            if cell is None:
+                return None
+        if cell.expiry <= now:
+            self._drop(key)
+            cells[i] = None
+            return None
+        return cell
+
+    def _new_cell(self, key: str) -> _Cell:
+        cell = self._cells[key] = _Cell()
+        return cell
+
+    def _cell(self, key: str) -> _Cell:
+        """The key's cell, made if it has none (callers have dropped an expired one first)."""
+        cell = self._cells.get(key)
+        return cell if cell is not None else self._new_cell(key)
 
     def _drop(self, key: str) -> None:
-        self._expires.pop(key, None)
-        self._windows.pop(key, None)
-        self._periods.pop(key, None)
-        self._leases.pop(key, None)
+        cell = self._cells.pop(key, None)
+        if cell is not None:
+            cell.dead = True
 
     def _sweep(self, now: float) -> None:
         """Drop expired counters and records now and then, so memory stays bounded: each call
@@ -270,24 +308,26 @@ class MemoryStore:
             if now < self._next_sweep:
                 return
             self._next_sweep = now + self._sweep_interval
-            self._sweeping = list(self._expires)  # a copy of the keys only: C speed
+            self._sweeping = list(self._cells)  # a copy of the keys only: C speed
             self._sweeping_records = list(self._records)
-        _sweep_slice(self._sweeping, self._expires, self._drop, now)
-        _sweep_slice(self._sweeping_records, self._records, self._records.__delitem__, now)
+        _sweep_slice(self._sweeping, self._cell_expiry, self._drop, now)
+        _sweep_slice(self._sweeping_records, self._records.get, self._records.__delitem__, now)
+
+    def _cell_expiry(self, key: str) -> float | None:
+        cell = self._cells.get(key)
+        return None if cell is None else cell.expiry
 
     def _view(self, counter: Counter, now: float, *, write: bool = True) -> CounterView:
-        if not self._live(counter.key, now):
+        cell = self._live(counter.key, now)
+        if cell is None:
             return CounterView(0)
         if counter.kind is CounterKind.WINDOW:
-            window = self._windows.get(counter.key)
-            if window is None:
-                return CounterView(0)
             if write:
-                return window.view(now)
-            return window_view(window.buckets, now)
+                return cell.view(now)
+            return window_view(cell.buckets, now)
         if counter.kind is CounterKind.PERIOD:
-            return CounterView(self._periods.get(counter.key, 0))
-        leases = self._leases.get(counter.key, {})
+            return CounterView(cell.total)
+        leases = cell.leases or {}
         if write:
             for request_id in [r for r, t in leases.items() if t <= now]:
                 del leases[request_id]
@@ -300,55 +340,53 @@ class MemoryStore:
         if counter.amount > limit.value:
             return None
         need = view.used + counter.amount - limit.value
-        window = self._windows.get(counter.key)
-        return window_free_at(window.buckets if window else {}, now, need)
-
-    def _touch(self, key: str, expiry: float) -> None:
-        self._expires[key] = max(self._expires.get(key, -math.inf), expiry)
+        cell = self._cells.get(counter.key)
+        return window_free_at(cell.buckets if cell else {}, now, need)
 
     def _add(self, counter: Counter, admission: Admission) -> None:
-        now, key = admission.now, counter.key
+        now = admission.now
         if counter.kind is CounterKind.LEASES:
+            cell = self._cell(counter.key)
             expiry = now + admission.lease_seconds
-            self._leases.setdefault(key, {})[admission.request_id] = expiry
-            self._touch(key, expiry + 1)
+            if cell.leases is None:
+                cell.leases = {}
+            cell.leases[admission.request_id] = expiry
+            cell.expiry = max(cell.expiry, expiry + 1)
             return
         if counter.amount == 0:
             return
+        cell = self._cell(counter.key)
         if counter.kind is CounterKind.WINDOW:
-            window = self._windows.get(key)
-            if window is None:
-                window = self._windows[key] = _Window()
-            window.add(math.floor(now), counter.amount)
+            cell.add(math.floor(now), counter.amount)
         else:
-            self._periods[key] = self._periods.get(key, 0) + counter.amount
-        self._expires[key] = now + counter.ttl_seconds
+            cell.total += counter.amount
+        cell.expiry = now + counter.ttl_seconds
 
-    def _adjust(self, kind: CounterKind, key: str, ttl: int, reservation: Reservation, delta: int,
-                now: float) -> None:
+    def _adjust(self, kind: CounterKind, key: str, ttl: int, cell: _Cell | None, reservation: Reservation,
+                delta: int, now: float) -> _Cell | None:
+        """Settle one counter whose live cell (or None) is `cell`; returns its cell now."""
         if kind is CounterKind.LEASES:
-            if self._live(key, now):
-                self._leases.get(key, {}).pop(reservation.request_id, None)
-            return
-        if delta == 0:
-            return
-        live = self._live(key, now)
+            if cell is not None and cell.leases is not None:
+                cell.leases.pop(reservation.request_id, None)
+            return cell
         if kind is CounterKind.WINDOW:
             second = math.floor(reservation.time)
             if second < window_floor(now):
-                return  # already out of the window: nothing left to correct
-            window = self._windows.get(key)
-            if window is None:
-                window = self._windows[key] = _Window()
-            window.add(second, delta)
-            if delta > 0 or key not in self._expires:  # what it added must outlive the window
-                self._expires[key] = max(self._expires.get(key, now), now + ttl)
-            return
-        if not live or key not in self._periods:
+                return cell  # already out of the window: nothing left to correct
+            if cell is None:
+                cell = self._new_cell(key)
+                cell.expiry = now + ttl
+            cell.add(second, delta)
+            if delta > 0:  # what it added must outlive the window
+                cell.expiry = max(cell.expiry, now + ttl)
+            return cell
+        if cell is None:
             if delta < 0:
-                return  # the period's counter is gone: nothing to refund
-            self._expires[key] = now + ttl
-        self._periods[key] = max(0, self._periods.get(key, 0) + delta)
+                return None  # the period's counter is gone: nothing to refund
+            cell = self._new_cell(key)
+            cell.expiry = now + ttl
+        cell.total = max(0, cell.total + delta)
+        return cell
 
     # ------------------------------------------------------------ usage aggregates and keys
     async def settle_and_record(self, reservation: Reservation | None, usage: AggregateDelta,
