@@ -321,6 +321,15 @@ def process_tree(root: int) -> list[int]:
     return out
 
 
+def signal_all(pids: Sequence[int], sig: signal.Signals) -> None:
+    """Send `sig` to each pid that still exists."""
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
 def cpu_seconds(pids: Sequence[int]) -> float:
     """utime + stime of the given processes (fields 14 and 15 of /proc/<pid>/stat)."""
     ticks = 0

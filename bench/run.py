@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -50,6 +51,38 @@ class Target:
 
     def pids(self) -> list[int]:
         return h.process_tree(self.proc.pid) if self.proc else []
+
+
+class Quiet:
+    """Keeps every target process but the measured one stopped (SIGSTOP): an idle proxy still runs
+    timers and background tasks (LiteLLM many), and on the proxy core they land in the measured
+    target's latency. A resumed target gets a moment for the timers that fell due while it was
+    stopped, outside its measurement. The fake upstream and the redis-servers keep running."""
+
+    def __init__(self, targets: list[Target], enabled: bool, settle_s: float = 0.25) -> None:
+        self._targets = [t for t in targets if t.proc is not None]
+        self._enabled = enabled
+        self._settle_s = settle_s
+        self._stopped: set[str] = set()
+
+    def only(self, target: Target) -> None:
+        if not self._enabled:
+            return
+        for t in self._targets:
+            if t is not target and t.name not in self._stopped:
+                h.signal_all(t.pids(), signal.SIGSTOP)
+                self._stopped.add(t.name)
+        if target.name in self._stopped:
+            h.signal_all(target.pids(), signal.SIGCONT)
+            self._stopped.discard(target.name)
+            time.sleep(self._settle_s)
+
+    def release(self) -> None:
+        """Let every target run again (a stopped process cannot act on SIGTERM)."""
+        for t in self._targets:
+            if t.name in self._stopped:
+                h.signal_all(t.pids(), signal.SIGCONT)
+        self._stopped.clear()
 
 
 @dataclass(frozen=True)
@@ -97,6 +130,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="meterproxy's allocator: the C library's (a pip install), or jemalloc preloaded, "
                         "as the Docker image ships it (needs libjemalloc2)")
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
+    p.add_argument("--no-pause", action="store_true",
+                   help="leave the targets not being measured running (by default they are stopped with "
+                        "SIGSTOP, so their idle timers do not run on the measured target's core)")
     p.add_argument("--strict", action="store_true", help="exit 1 when a goal from issue 8 is missed")
     p.add_argument("--json", type=Path, help="also write raw samples and the summary here")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs, ledgers)")
@@ -381,20 +417,23 @@ def scaling_goals(summary: dict[str, dict[str, float]]) -> list[tuple[bool, str]
 # --- main --------------------------------------------------------------------------------
 
 
-def run_rounds(targets: list[Target], plan: Plan, stream_body: bytes,
-               started: float) -> None:
+def run_rounds(targets: list[Target], plan: Plan, stream_body: bytes, started: float,
+               quiet: Quiet) -> None:
     for t in targets:
+        quiet.only(t)
         warm_up(t, plan)
     for rnd in range(plan.rounds):
         # Rotate the order each round so no target always runs first (or right after a heavy one).
         order = targets[rnd % len(targets):] + targets[: rnd % len(targets)]
         for phase in plan.phases:
             for t in order:
+                quiet.only(t)
                 try:
                     measure(t, phase, plan, stream_body)
                 except (RuntimeError, subprocess.TimeoutExpired) as exc:
                     t.failures.append(f"{phase}: {exc}")
         print(f"# round {rnd + 1}/{plan.rounds} done at {time.monotonic() - started:.0f} s", file=sys.stderr)
+    quiet.release()
     for t in targets:
         t.rss_bytes = h.rss_bytes(t.pids())
         if t.proc is not None and not t.proc.alive():
@@ -450,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="meterbench-"))
     procs = h.Procs(workdir)
     started = time.monotonic()
+    quiet: Quiet | None = None
     try:
         procs.proxy_env.update(h.malloc_env(args.malloc))
         fake_port = h.free_port()
@@ -460,11 +500,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# pinning: load side on cores {pin.load or 'any'}, proxy on {pin.proxy or 'any'}; "
               f"{args.rounds} round(s) × {args.duration} s per phase; malloc {args.malloc}; workdir {workdir}",
               file=sys.stderr)
-        run_rounds(targets, plan, stream_body, started)
+        quiet = Quiet(targets, enabled=not args.no_pause)
+        run_rounds(targets, plan, stream_body, started, quiet)
         code = report(args, targets, plan, problems)
         print(f"# total {time.monotonic() - started:.1f} s", file=sys.stderr)
         return code
     finally:
+        if quiet is not None:
+            quiet.release()
         procs.stop_all()
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,3 +18,42 @@ def test_bench_smoke_serves_through_every_target() -> None:
     rows = {line.split("|")[1].strip(): line for line in r.stdout.splitlines() if line.startswith("| ")}
     for target in ("direct", "floor", "memory", "redis"):
         assert target in rows and rows[target].rstrip().endswith("| ok |"), r.stdout
+
+
+
+def _stopped(pid: int, expected: bool = True) -> bool:
+    """Whether a process is stopped (state T), given a moment for a signal to land: waits up to 2 s
+    for the state to become the `expected` one."""
+    deadline = time.monotonic() + 2
+    while True:
+        stopped = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+        if stopped == expected or time.monotonic() > deadline:
+            return stopped
+        time.sleep(0.01)
+
+
+def test_only_the_measured_target_runs_and_all_run_again_after(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import harness as h
+        from loadgen import Identity
+        from run import Quiet, Target
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    procs = h.Procs(tmp_path)
+    a, b = (Target(f"t{i}", 0, "/", procs.spawn(f"sleeper-{i}", ["sleep", "60"]), Identity(), tmp_path / "x.lua")
+            for i in range(2))
+    direct = Target("direct", 0, "/", None, Identity(), tmp_path / "x.lua")
+    pid_a, pid_b = a.pids()[0], b.pids()[0]
+    try:
+        quiet = Quiet([direct, a, b], enabled=True, settle_s=0.0)
+        quiet.only(a)
+        assert _stopped(pid_b) and not _stopped(pid_a, False)
+        quiet.only(b)  # b is resumed, a stopped
+        assert _stopped(pid_a) and not _stopped(pid_b, False)
+        quiet.only(direct)  # the baseline runs with every proxy stopped
+        assert _stopped(pid_a) and _stopped(pid_b)
+        quiet.release()
+        assert not _stopped(pid_a, False) and not _stopped(pid_b, False)
+    finally:
+        procs.stop_all()
