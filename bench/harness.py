@@ -248,8 +248,8 @@ def meterproxy_bin() -> str:
 
 
 def start_meterproxy(procs: Procs, pin: Pinning, name: str, port: int, config: Path,
-                     workers: int, timeout: float = 60) -> Proc:
-    argv = [meterproxy_bin(), "serve", "--config", str(config), "--host", "127.0.0.1",
+                     workers: int, timeout: float = 60, exe: str | None = None) -> Proc:
+    argv = [exe or meterproxy_bin(), "serve", "--config", str(config), "--host", "127.0.0.1",
             "--port", str(port)]
     if workers > 1:
         argv += ["--workers", str(workers)]

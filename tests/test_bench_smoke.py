@@ -57,3 +57,16 @@ def test_only_the_measured_target_runs_and_all_run_again_after(tmp_path: Path) -
         assert not _stopped(pid_a, False) and not _stopped(pid_b, False)
     finally:
         procs.stop_all()
+
+
+def test_ab_compares_two_targets_side_by_side() -> None:
+    exe = str(Path(sys.executable).parent / "meterproxy")
+    r = subprocess.run([sys.executable, "bench/ab.py", "--rounds", "2", "--duration", "1", "--warmup", "1",
+                        f"one={exe}", f"users={exe}:u10"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("one: median ") and "ms CPU per request" in lines[0], r.stdout
+    assert lines[1].startswith("users: median ") and "against one: median ratio " in lines[1], r.stdout
+    assert r.stderr.count("# round ") == 4  # two rounds, each phase on both targets
+    bad = subprocess.run([sys.executable, "bench/ab.py", f"one={exe}:x10"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "the identity is uN (users) or kN (keys)" in bad.stderr
