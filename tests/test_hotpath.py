@@ -224,6 +224,24 @@ def test_sweep_drops_expired_counters_a_slice_per_admission() -> None:
     assert not store._sweeping
 
 
+
+async def test_a_layout_never_counts_into_a_cell_the_store_dropped() -> None:
+    """Two limit sets share a counter; the second drops it (expired) and starts a new one. When the
+    clock then steps back (an NTP correction), the first must not count into the dropped cell,
+    which its layout still holds and which has not expired by that clock: the count would be lost."""
+    store = MemoryStore()
+    rpm = Limit("user:x", LimitName.RPM, 100)
+    one, two = (rpm,), (rpm, Limit("user:x", LimitName.RPM, 50, False))  # one counter, two layouts
+
+    def admit(limits: tuple[Limit, ...], rid: str, now: float) -> None:
+        assert store.admit_now(Admission(rid, TAG, limits, 1, 0, now, "2030-03-17", "2030-03")).admitted
+
+    admit(one, "a", T0)
+    admit(two, "b", T0 + 100)  # the first window expired: dropped, a new one made
+    admit(one, "c", T0 + 50)  # the clock stepped back, before the dropped window's expiry
+    states = await store.usage(one, TAG, T0 + 101, "2030-03-17", "2030-03")
+    assert states[0].used == 2
+
 def test_inflight_gauge_is_folded_at_collection() -> None:
     registry = CollectorRegistry()
     metrics = Metrics(registry)

@@ -276,14 +276,8 @@ class MemoryStore:
     def _held(self, cells: list[_Cell | None], i: int, key: str, now: float) -> _Cell | None:
         """`_live` for a layout's i-th counter, through the cell it holds while that lives."""
         cell = cells[i]
-        if cell is None or cell.dead:
-            cell = cells[i] = self._cells.get(key)
-            if cell is None:
-                return None
-        if cell.expiry <= now:
-            self._drop(key)
-            cells[i] = None
-            return None
+        if cell is None or cell.dead or cell.expiry <= now:
+            cell = cells[i] = self._live(key, now)
         return cell
 
     def _new_cell(self, key: str) -> _Cell:
