@@ -23,8 +23,8 @@ import tempfile
 from pathlib import Path
 
 import harness as h
-from loadgen import Identity, run_wrk, wrk_script
-from run import Quiet, Target
+from loadgen import Identity, wrk_script
+from run import Plan, Quiet, Target, measure, warm_up
 
 
 def parse_target(text: str) -> tuple[str, str, Identity]:
@@ -78,20 +78,22 @@ def main(argv: list[str] | None = None) -> int:
             proc = h.start_meterproxy(procs, pin, label, port, cfg, 1, exe=exe)
             script = wrk_script(work / f"{label}.lua", h.CHAT_BODY, ident)
             targets.append(Target(label, port, "/openai/v1/chat/completions", proc, ident, script))
+        plan = Plan(args.duration, args.rounds, args.warmup, args.conns, 1, 1, "openai", pin.load, ("rps",))
         quiet = Quiet(targets, enabled=True)
         for t in targets:
             quiet.only(t)
-            run_wrk(t.url, t.script, args.conns, args.warmup, pin.load)
-        cost: dict[str, list[float]] = {t.name: [] for t in targets}
+            warm_up(t, plan)
         for rnd in range(args.rounds):
             for t in targets if rnd % 2 == 0 else targets[::-1]:
                 quiet.only(t)
-                pids = t.pids()
-                cpu0 = h.cpu_seconds(pids)
-                r = run_wrk(t.url, t.script, args.conns, args.duration, pin.load)
-                ms = (h.cpu_seconds(pids) - cpu0) * 1000 / max(1, r.requests)
-                cost[t.name].append(ms)
-                print(f"# round {rnd + 1}/{args.rounds} {t.name}: {ms:.4f} ms/req, {r.rps:.0f} RPS", file=sys.stderr)
+                measure(t, "rps", plan, b"")
+                last = t.samples["rps"][-1]
+                print(f"# round {rnd + 1}/{args.rounds} {t.name}: {last['cpu_ms_per_req']:.4f} ms/req, "
+                      f"{last['rps']:.0f} RPS", file=sys.stderr)
+        if any(t.failures for t in targets):
+            print("\n".join(f"{t.name}: {f}" for t in targets for f in t.failures), file=sys.stderr)
+            return 1
+        cost = {t.name: [s["cpu_ms_per_req"] for s in t.samples["rps"]] for t in targets}
         first = targets[0].name
         for t in targets:
             line = f"{t.name}: median {statistics.median(cost[t.name]):.4f} ms CPU per request"
