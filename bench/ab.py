@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                 measure(t, "rps", plan, b"")
                 last = t.samples["rps"][-1]
                 print(f"# round {rnd + 1}/{args.rounds} {t.name}: {last['cpu_ms_per_req']:.4f} ms/req, "
-                      f"{last['rps']:.0f} RPS", file=sys.stderr)
+                      f"{last['rps']:.0f} RPS, {last['cpu_util'] * 100:.0f}% busy", file=sys.stderr)
         if any(t.failures for t in targets):
             print("\n".join(f"{t.name}: {f}" for t in targets for f in t.failures), file=sys.stderr)
             return 1
