@@ -16,12 +16,19 @@ from prometheus_client import CollectorRegistry
 from redisproc import RedisProc
 
 from proxy.metrics import Metrics
-from proxy.quota.history import _HISTORY_MIN_SAMPLES, _HISTORY_SIZE, _HISTORY_SUBJECTS, _PERCENTILE
+from proxy.quota.history import (
+    _HISTORY_IDLE_SECONDS,
+    _HISTORY_MIN_SAMPLES,
+    _HISTORY_SIZE,
+    _HISTORY_SUBJECTS,
+    _PERCENTILE,
+)
 from proxy.quota.history import History as _History
-from proxy.quota.memory import _SWEEP_SLICE, MemoryStore
+from proxy.quota.memory import MemoryStore
 from proxy.quota.redis_store import RedisStore
 from proxy.quota.resp import pack
 from proxy.quota.store import Admission, AggregateDelta, Decision, Limit, LimitName, Totals
+from proxy.quota.sweep import SWEEP_SLICE as _SWEEP_SLICE
 from proxy.services import Tracker
 
 T0 = 1_900_000_000.25
@@ -195,18 +202,41 @@ def test_history_percentile_is_the_nearest_rank_of_the_last_outputs() -> None:
     assert history.percentile("bo", "m") is None
 
 
-def test_history_past_its_bound_forgets_the_least_recently_used_pair() -> None:
-    history = _History()
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_full_history_keeps_its_pairs_and_takes_new_ones_as_idle_ones_leave() -> None:
+    """Past its bound the history does not evict a pair in use for a newcomer (with more active
+    pairs than the bound that would churn on every request, and no pair would ever reach a
+    percentile); a sweep drops pairs idle for ten minutes, a slice per add, and makes room."""
+    clock = _Clock()
+    history = _History(clock)
+    slices = _HISTORY_SUBJECTS // _SWEEP_SLICE + 1  # adds that take a sweep through every pair
     for _ in range(_HISTORY_MIN_SAMPLES):
         history.add("first", "m", 900)
     for i in range(_HISTORY_SUBJECTS - 1):
         history.add(f"u{i}", "m", 10_000)  # left in a reused run, this would be the new pair's p95
-    history.add("first", "m", 900)  # used again: now the most recent
-    for _ in range(_HISTORY_MIN_SAMPLES):
-        history.add("new", "m", 40)  # evicts u0, whose run it reuses
+    history.add("new", "m", 40)  # full, nothing idle: not remembered, nobody evicted
+    assert ("new", "m") not in history._runs and len(history._runs) == _HISTORY_SUBJECTS
+    for _ in range(slices):
+        history.add("first", "m", 900)  # the sweep this began looks at every pair, drops none
+    assert len(history._runs) == _HISTORY_SUBJECTS and not history._sweeping
+    clock.now += 30
+    history.add("first", "m", 900)  # used again (no sweep is due yet): not idle when the next one comes
+    clock.now += _HISTORY_IDLE_SECONDS - 29
+    history.add("new", "m", 40)  # the next sweep's first slice makes room at once
+    assert ("new", "m") in history._runs
+    assert len(history._runs) == _HISTORY_SUBJECTS - _SWEEP_SLICE + 1  # one slice looked at, not all
+    for _ in range(slices):
+        history.add("new", "m", 40)
+    assert history.percentile("new", "m") == 40  # a fresh run: nothing of an idle pair's outputs
     assert history.percentile("first", "m") == 900
-    assert history.percentile("new", "m") == 40  # nothing of u0's outputs came along
-    assert history.percentile("u0", "m") is None
+    assert set(history._runs) == {("first", "m"), ("new", "m")}
 
 
 def test_sweep_drops_expired_counters_a_slice_per_admission() -> None:

@@ -16,7 +16,7 @@ LAYERS: dict[str, int] = {
     # pure logic: no I/O
     "config": 1, "tokens": 1, "prompt_tokens": 1, "image_size": 1, "upstream_wire": 1, "pricing": 1, "providers": 1, "providers.base": 1, "providers.sse": 1,
     "providers.openai": 1, "providers.azure": 1, "providers.anthropic": 1, "providers.gemini": 1,
-    "route": 1, "estimate": 2, "settle": 2, "usage": 1, "quota.limits": 2, "quota.counters": 2, "quota.layout": 2, "quota.redis_direct": 2, "quota.clamp": 2, "quota.history": 2, "auth": 2, "openapi": 1,
+    "route": 1, "estimate": 2, "settle": 2, "usage": 1, "quota.limits": 2, "quota.counters": 2, "quota.layout": 2, "quota.redis_direct": 2, "quota.clamp": 2, "quota.history": 2, "quota.sweep": 1, "auth": 2, "openapi": 1,
     # I/O adapters
     "quota.memory": 3, "quota.redis_store": 3, "quota.redis_py": 3, "quota.resp": 3, "quota.slots": 3, "quota.state": 3, "quota.store_link": 4, "quota.gate": 4, "replay": 4,
     "upstream": 3, "upstream_connection": 3, "forwarding": 3, "resilience": 4, "relay": 3, "metrics": 3, "ledger": 4, "services": 5,

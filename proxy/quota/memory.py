@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from datetime import UTC, tzinfo
 from typing import Any
 
@@ -50,6 +50,7 @@ from proxy.quota.store import (
     Reservation,
     StoredKey,
 )
+from proxy.quota.sweep import sweep_slice
 
 
 class _Cell:
@@ -106,18 +107,6 @@ class _Layout(Layout):
                  checks: tuple[LimitCheck, ...], lease_seconds: float) -> None:
         super().__init__(limits, counters, checks, lease_seconds)
         self.cells: list[_Cell | None] = [None] * len(counters)
-
-
-_SWEEP_SLICE = 256  # keys a sweep looks at per admission
-
-def _sweep_slice(pending: list[str], expiry_of: Callable[[str], float | None], drop: Callable[[str], None],
-                 now: float) -> None:
-    """Look at the last slice of `pending` (taken off it from the end: no copy), dropping what expired."""
-    for key in pending[-_SWEEP_SLICE:]:
-        expiry = expiry_of(key)
-        if expiry is not None and expiry <= now:
-            drop(key)
-    del pending[-_SWEEP_SLICE:]
 
 
 class MemoryStore:
@@ -304,8 +293,8 @@ class MemoryStore:
             self._next_sweep = now + self._sweep_interval
             self._sweeping = list(self._cells)  # a copy of the keys only: C speed
             self._sweeping_records = list(self._records)
-        _sweep_slice(self._sweeping, self._cell_expiry, self._drop, now)
-        _sweep_slice(self._sweeping_records, self._records.get, self._records.__delitem__, now)
+        sweep_slice(self._sweeping, self._cell_expiry, self._drop, now)
+        sweep_slice(self._sweeping_records, self._records.get, self._records.__delitem__, now)
 
     def _cell_expiry(self, key: str) -> float | None:
         cell = self._cells.get(key)
