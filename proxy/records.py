@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 
 class CountSource(StrEnum):
@@ -25,6 +26,21 @@ class ApiKind(StrEnum):
     OTHER = "other"
 
 
+class Memo:
+    """What one component worked out for a subject, kept on the subject itself.
+
+    The key ring keeps one Subject per key and end user, so a request reaches its subject's state
+    through the ring's one lookup instead of a lookup of each component's own: with 100,000
+    subjects each such lookup costs a few cache misses. `owner` says whose the value is; anyone
+    else works its own out and takes the memo over."""
+
+    __slots__ = ("owner", "value")
+
+    def __init__(self) -> None:
+        self.owner: object = None
+        self.value: Any = None
+
+
 @dataclass(frozen=True, slots=True)
 class Subject:
     """Who a request is metered and limited as."""
@@ -34,6 +50,7 @@ class Subject:
     plan: str
     key_id: str  # short, non-secret id of the virtual key (never the key itself)
     trusted: bool = False  # may name an end user with x-meterproxy-user
+    memo: Memo = field(default_factory=Memo, compare=False, repr=False)
 
 
 @dataclass(slots=True, unsafe_hash=True)  # not frozen: built per request, 4x cheaper to make

@@ -346,11 +346,10 @@ def test_per_subject_caches_hold_200_000_subjects() -> None:
     listed aggregate hashes: at 100,000 users each settle went the slow way, with a round trip
     more). History is bounded lower on purpose: a miss there costs only a full-size reservation."""
     from proxy import auth
-    from proxy.quota import counters, gate, limits, redis_store
+    from proxy.quota import counters, limits, redis_store
 
     bounds = {
         "auth subjects": auth._MAX_CACHED_SUBJECTS,
-        "gate profiles": gate._PROFILES_MAX,
         "limit book": limits._CACHE_MAX,
         "layouts": counters.SHAPE_CACHE_MAX,
         "listed aggregate hashes": redis_store._INDEXED_MAX,

@@ -7,6 +7,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Awaitable
+from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -21,6 +22,7 @@ from proxy.quota.store import (
     Admission,
     AggregateDelta,
     Decision,
+    LayoutSlot,
     Limit,
     LimitName,
     QuotaStore,
@@ -279,6 +281,38 @@ async def test_new_day_brings_a_fresh_budget(store: QuotaStore) -> None:
     refused = await store.admit(adm(*limits, tokens=0, cost=100, now=T0 + 2 * 86_400,
                                     day="2030-03-19"))
     assert refused.denied == limits[2]
+
+
+async def test_a_subjects_held_layout_follows_the_day_and_settles_where_it_reserved(store: QuotaStore) -> None:
+    """The gate hands a subject's admissions one LayoutSlot so the store finds the subject's layout
+    without a lookup, and the reservation carries the layout to its settle. The held layout must
+    not carry an admission into another day's counters; a settle after the next day's admission
+    took the slot still corrects the day it reserved in; and the usage aggregates a layout holds
+    go to each event's own user and day."""
+    slot = LayoutSlot()
+    limits = (lim(LimitName.TOKENS_PER_DAY, 1000),)
+    tomorrow, later = "2030-03-18", T0 + 86_400
+
+    def with_slot(admission: Admission) -> Admission:
+        return replace(admission, limits=limits, slot=slot)  # the gate's one tuple per subject
+
+    def delta(day: str, user: str, tokens: int) -> AggregateDelta:
+        return AggregateDelta(uuid.uuid4().hex, TAG, day, user, None, "gpt-x",
+                              Totals(requests=1, input_tokens=tokens))
+
+    first = reservation(await store.admit(with_slot(adm(*limits, tokens=300))))
+    again = reservation(await store.admit(with_slot(adm(*limits, tokens=50))))
+    second = reservation(await store.admit(with_slot(adm(*limits, tokens=200, now=later, day=tomorrow))))
+    assert slot.layout is not None and slot.layout.day == tomorrow
+    assert await used(store, *limits) == [350]
+    assert await used(store, *limits, now=later, day=tomorrow) == [200]
+    assert await store.settle_and_record(first, delta(DAY, "al", 100), later + 1)
+    assert await store.settle_and_record(again, delta(DAY, "bo", 20), later + 2)  # the same layout, another user
+    assert await store.settle_and_record(second, delta(tomorrow, "al", 150), later + 3)
+    assert await used(store, *limits, now=T0 + 1) == [120]
+    assert await used(store, *limits, now=later + 3, day=tomorrow) == [150]
+    rows = {(r.day, r.user): r.totals.input_tokens for r in await store.aggregates((DAY, tomorrow))}
+    assert rows == {(DAY, "al"): 100, (DAY, "bo"): 20, (tomorrow, "al"): 150}
 
 
 async def test_same_counter_named_twice_is_counted_once(store: QuotaStore) -> None:

@@ -302,9 +302,10 @@ def replayed_decision(admission: Admission, plan_: Plan, views: tuple[CounterVie
     return Decision(True, reservation_of(admission), states, None, 0.0, shadow)
 
 
-def reservation_of(admission: Admission) -> Reservation:
+def reservation_of(admission: Admission, layout: object = None) -> Reservation:
+    """The reservation an admitted `admission` leaves, with the layout a direct path used for it."""
     return Reservation(admission.request_id, admission.tag, admission.limits, admission.tokens,
-                       admission.cost_micro_usd, admission.now, admission.day, admission.month)
+                       admission.cost_micro_usd, admission.now, admission.day, admission.month, layout)
 
 
 # ---------------------------------------------------------------- usage aggregates (shared with redis)

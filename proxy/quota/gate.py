@@ -32,6 +32,7 @@ from .store import (
     Admission,
     AggregateDelta,
     Decision,
+    LayoutSlot,
     Limit,
     LimitName,
     LimitState,
@@ -46,7 +47,6 @@ log = logging.getLogger("meterproxy.quota")
 _FIRST_CHECK_BYTES = 256
 _MIN_CHECK_GROWTH = 1.125  # a stream's text is re-counted only after growing by at least this
 _MIN_TOPUP_TOKENS = 256
-_PROFILES_MAX = 200_000  # subjects whose limits are kept worked out (cleared when full)
 
 
 class Watch(StrEnum):
@@ -91,6 +91,7 @@ class _Profile:
     output_limits: tuple[Limit, ...]  # the limits counting output (what a top-up reserves on)
     watch: Watch | None  # how to watch a stream that may run past its reservation
     money: bool  # an enforced budget: its gauges are updated on admission
+    slot: LayoutSlot  # where the store keeps the subject's layout between admissions
 
 
 _UNLIMITED = Decision(True, None, ())
@@ -111,7 +112,6 @@ class Gate(StoreLink):
         self._timeout = config.store_timeout * 2
         self._embedded = store if type(store) is MemoryStore else None  # exactly: a subclass may wait
         self._period_cache: tuple[float, float, str, str] = (0.0, 0.0, "", "")
-        self._profiles: dict[Subject, _Profile] = {}
         self._retries: set[asyncio.Task[None]] = set()  # settle_soon's fallbacks, held until done
 
     def adopt(self, old: Gate) -> None:
@@ -142,16 +142,17 @@ class Gate(StoreLink):
 
     # ------------------------------------------------------------ admit
     def _profile(self, subject: Subject) -> _Profile:
-        prof = self._profiles.get(subject)
-        if prof is None:
-            if len(self._profiles) >= _PROFILES_MAX:
-                self._profiles.clear()
-            limits = self.book.limits_for(subject)
-            out = tuple(lim for lim in limits if lim.name in OUTPUT_LIMITS)
-            watch = Watch.ENFORCE if any(lim.enforce for lim in out) else Watch.SHADOW if out else None
-            money = any(lim.name in MONEY_LIMITS and lim.enforce for lim in limits)
-            prof = self._profiles[subject] = _Profile(self.book.plan_of(subject), limits, self.book.tag_for(subject),
-                                                      out, watch, money)
+        """The subject's profile, kept on the subject (the key ring keeps one per key and end user)."""
+        memo = subject.memo
+        if memo.owner is self:
+            prof: _Profile = memo.value
+            return prof
+        limits = self.book.limits_for(subject)
+        out = tuple(lim for lim in limits if lim.name in OUTPUT_LIMITS)
+        watch = Watch.ENFORCE if any(lim.enforce for lim in out) else Watch.SHADOW if out else None
+        money = any(lim.name in MONEY_LIMITS and lim.enforce for lim in limits)
+        prof = _Profile(self.book.plan_of(subject), limits, self.book.tag_for(subject), out, watch, money, LayoutSlot())
+        memo.owner, memo.value = self, prof
         return prof
 
     def admit_now(self, subject: Subject, adapter: Adapter, est: Estimate, request_id: str) -> Ticket | None:
@@ -164,7 +165,7 @@ class Gate(StoreLink):
         if not prof.limits:
             return self._ticket(subject, _UNLIMITED, False, None, prof, est, est.max_output_tokens, None)
         out = self._sized_output(subject.user, est)
-        decision = store.admit_now(self._admission(request_id, prof.tag, prof.limits, est, out))
+        decision = store.admit_now(self._admission(request_id, prof, est, out))
         if not decision.admitted:
             return None  # nothing was reserved: `admit` asks again and refuses, clamps or queues
         if decision.shadow_denied:
@@ -194,7 +195,7 @@ class Gate(StoreLink):
             # answers without suspending: nothing can settle meanwhile, so it is taken only to
             # wait); only by a plan that may queue.
             room = self._state.room() if self._embedded is None and plan.on_limit == "queue" else None
-            adm = self._admission(request_id, tag, limits, est, out)
+            adm = self._admission(request_id, prof, est, out)
             try:
                 decision, local = await self._store_admit(adm)
             except BaseException:
@@ -223,14 +224,14 @@ class Gate(StoreLink):
                 room = self._state.room()
             await asyncio.wait({room}, timeout=wait)  # a local settle, or when the window frees room
 
-    def _admission(self, request_id: str, tag: str, limits: tuple[Limit, ...], est: Estimate,
-                   out: int) -> Admission:
+    def _admission(self, request_id: str, prof: _Profile, est: Estimate, out: int) -> Admission:
         now = time.time()
         day, month = self.periods(now)
         cost = est.cost_micro_usd
         if out != est.max_output_tokens:
             cost = self.prices.cost_for_estimate(est.model, est.prompt_tokens, out, self._date(now)) if est.priced else 0
-        return Admission(request_id, tag, limits, est.prompt_tokens + out, cost, now, day, month)
+        return Admission(request_id, prof.tag, prof.limits, est.prompt_tokens + out, cost, now, day, month,
+                         slot=prof.slot)
 
     def _sized_output(self, user: str, est: Estimate) -> int:
         """Output to reserve: min(max_tokens, p95 of this user's recent outputs on this model)."""

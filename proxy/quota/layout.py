@@ -21,8 +21,17 @@ from proxy.quota.counters import (
     Measure,
     build_shape,
     period_end,
+    record_key,
+    seen_key,
 )
-from proxy.quota.store import DEFAULT_LEASE_SECONDS, Limit, LimitName, LimitState, Reservation
+from proxy.quota.store import (
+    DEFAULT_LEASE_SECONDS,
+    LayoutSlot,
+    Limit,
+    LimitName,
+    LimitState,
+    Reservation,
+)
 
 # Per counter: (kind, measure, key with the store's prefix, ttl seconds).
 CounterSlot = tuple[CounterKind, Measure, str, int]
@@ -36,7 +45,8 @@ _LayoutKey = tuple[int, str, str, str, float]
 class Layout:
     """One subject's counters and limit checks for one day, month and lease length."""
 
-    __slots__ = ("limits", "counters", "checks", "leases", "lease_seconds")
+    __slots__ = ("limits", "counters", "checks", "leases", "lease_seconds", "owner", "tag", "day", "month",
+                 "record_prefix", "seen_prefix")
 
     def __init__(self, limits: tuple[Limit, ...], counters: tuple[CounterSlot, ...],
                  checks: tuple[LimitCheck, ...], lease_seconds: float) -> None:
@@ -45,6 +55,11 @@ class Layout:
         self.checks = checks
         self.leases = any(kind is CounterKind.LEASES for kind, _, _, _ in counters)
         self.lease_seconds = lease_seconds
+        # Set by the Layouts that made it: what a slot's layout is checked against.
+        self.owner: object = None
+        self.tag = self.day = self.month = ""
+        # Keys with the store's prefix, less the request or event id: record_key(...), seen_key(...)
+        self.record_prefix = self.seen_prefix = ""
 
 
 def record_ttl_seconds(lease_seconds: float) -> int:
@@ -69,11 +84,26 @@ class Layouts(Generic[L_co]):
         self._make = make
         self._cache: dict[_LayoutKey, L_co] = {}
 
-    def get(self, limits: tuple[Limit, ...], tag: str, day: str, month: str, lease_seconds: float) -> L_co:
+    def get(self, limits: tuple[Limit, ...], tag: str, day: str, month: str, lease_seconds: float,
+            slot: LayoutSlot | None = None) -> L_co:
+        """The layout for these; `slot` (the subject's) is looked in first and left holding it."""
+        if slot is not None:
+            held = slot.layout
+            # By identity, as the cache key is: the gate hands out one limits tuple, tag and day
+            # string per subject and day. A miss only costs the lookup below.
+            if (isinstance(held, Layout) and held.owner is self and held.limits is limits and held.tag is tag
+                    and held.day is day and held.month is month and held.lease_seconds == lease_seconds):
+                return held  # type: ignore[return-value]  # it is one of ours: an L_co
         key = (id(limits), tag, day, month, lease_seconds)
         hit = self._cache.get(key)
-        if hit is not None and hit.limits is limits:
-            return hit
+        if hit is None or hit.limits is not limits:
+            hit = self._made(key, limits, tag, day, month, lease_seconds)
+        if slot is not None:
+            slot.layout = hit
+        return hit
+
+    def _made(self, key: _LayoutKey, limits: tuple[Limit, ...], tag: str, day: str, month: str,
+              lease_seconds: float) -> L_co:
         shape, slots = build_shape(limits, tag, day, month, lease_seconds)
         prefix = self._prefix
         counters = tuple((kind, measure, prefix + key, ttl) for kind, measure, key, ttl in shape)
@@ -83,13 +113,19 @@ class Layouts(Generic[L_co]):
              if shape[slot][0] is CounterKind.PERIOD else 0.0)
             for lim, slot in zip(limits, slots, strict=True))
         layout = self._make(limits, counters, checks, lease_seconds)
+        layout.owner, layout.tag, layout.day, layout.month = self, tag, day, month
+        layout.record_prefix, layout.seen_prefix = prefix + record_key(tag, ""), prefix + seen_key(tag, "")
         if len(self._cache) >= SHAPE_CACHE_MAX:
             self._cache.clear()
         self._cache[key] = layout
         return layout
 
     def of_reservation(self, reservation: Reservation) -> L_co:
-        """What settling a reservation touches (its keys do not depend on the lease it was admitted with)."""
+        """What settling a reservation touches (its keys do not depend on the lease it was admitted with):
+        the layout its admission used, when that was one of ours."""
+        held = reservation.layout
+        if isinstance(held, Layout) and held.owner is self:
+            return held  # type: ignore[return-value]  # it is one of ours: an L_co
         return self.get(reservation.limits, reservation.tag, reservation.day, reservation.month, DEFAULT_LEASE_SECONDS)
 
 

@@ -99,14 +99,16 @@ class _Cell:
 
 
 class _Layout(Layout):
-    """A layout with its counters' cells, found on first use."""
+    """A layout with its counters' cells and its subject's usage aggregate, found on first use."""
 
-    __slots__ = ("cells",)
+    __slots__ = ("cells", "aggregate")
 
     def __init__(self, limits: tuple[Limit, ...], counters: tuple[CounterSlot, ...],
                  checks: tuple[LimitCheck, ...], lease_seconds: float) -> None:
         super().__init__(limits, counters, checks, lease_seconds)
         self.cells: list[_Cell | None] = [None] * len(counters)
+        # (user, team, the day's aggregate) of the subject whose reservations settle here
+        self.aggregate: tuple[str, str | None, dict[str, int]] | None = None
 
 
 class MemoryStore:
@@ -160,11 +162,11 @@ class MemoryStore:
         a new request id, every limit passing. None: anything else, for the general path (which
         then sees the same counters: expiring them here first changes nothing it reads)."""
         layout = self._layouts.get(admission.limits, admission.tag, admission.day, admission.month,
-                                   admission.lease_seconds)
+                                   admission.lease_seconds, admission.slot)
         if layout.leases:
             return None  # concurrency leases: the general path
         now = admission.now
-        record = record_key(admission.tag, admission.request_id)
+        record = layout.record_prefix + admission.request_id  # record_key(tag, request_id)
         if record in self._records:  # a retried request id (or one whose record expired): general path
             return None
         tokens, cost = admission.tokens, admission.cost_micro_usd
@@ -188,7 +190,7 @@ class MemoryStore:
                 cell.total += added
             cell.expiry = now + ttl
         self._records[record] = now + record_ttl_seconds(admission.lease_seconds)
-        return Decision(True, reservation_of(admission), tuple(states), None, 0.0, ())
+        return Decision(True, reservation_of(admission, layout), tuple(states), None, 0.0, ())
 
     def _fast_views(self, layout: _Layout, tokens: int, cost: int, now: float) -> list[Seen]:
         """Per counter: (used, oldest window bucket, what this admission adds), as `_view` sees it;
@@ -233,13 +235,15 @@ class MemoryStore:
         return self.settle_now(reservation, tokens, cost_micro_usd, now)
 
     def settle_now(self, reservation: Reservation, tokens: int, cost_micro_usd: int, now: float) -> bool:
-        key = record_key(reservation.tag, reservation.request_id)
-        expiry = self._records.pop(key, None)
-        if expiry is None or expiry <= now:
-            return False
+        return self._settle(self._layouts.of_reservation(reservation), reservation, tokens, cost_micro_usd, now)
+
+    def _settle(self, layout: _Layout, reservation: Reservation, tokens: int, cost_micro_usd: int,
+                now: float) -> bool:
         # The reservation's counters from their cached layout (no Counter objects): what
         # `reservation_plan` gives.
-        layout = self._layouts.of_reservation(reservation)
+        expiry = self._records.pop(layout.record_prefix + reservation.request_id, None)  # record_key(...)
+        if expiry is None or expiry <= now:
+            return False
         cells = layout.cells
         for i, (kind, measure, key, ttl) in enumerate(layout.counters):
             delta = settle_delta(measure, reservation, tokens, cost_micro_usd)
@@ -384,9 +388,11 @@ class MemoryStore:
         return None  # `settle_and_record_now` is this store's way: done before it returns
 
     def settle_and_record_now(self, reservation: Reservation | None, usage: AggregateDelta, now: float) -> bool:
+        layout = None
         if reservation is not None:
+            layout = self._layouts.of_reservation(reservation)
             # The reservation's record is the event's marker: only the first settle finds it.
-            if not self.settle_now(reservation, usage.totals.tokens, usage.totals.cost_micro_usd, now):
+            if not self._settle(layout, reservation, usage.totals.tokens, usage.totals.cost_micro_usd, now):
                 return False
         else:
             seen, order = self._seen, self._seen_order
@@ -396,6 +402,21 @@ class MemoryStore:
                 return False
             seen[usage.event_id] = now + MEMORY_SEEN_TTL_SECONDS
             order.append(usage.event_id)
+        cell = self._aggregate(usage, layout)
+        names = aggregate_field_names(usage.model)
+        requests = names[0]
+        for name, value in zip(names, usage.totals.values(), strict=True):  # `aggregate_fields`, inline
+            if value or name is requests:
+                cell[name] = cell.get(name, 0) + value
+        return True
+
+    def _aggregate(self, usage: AggregateDelta, layout: _Layout | None) -> dict[str, int]:
+        """The (day, user, team) aggregate `usage` adds to: a reservation's layout (one subject's
+        for one day) holds its subject's, so a settle does not look it up among every subject's."""
+        if layout is not None:
+            held = layout.aggregate
+            if held is not None and held[0] is usage.user and held[1] is usage.team and layout.day is usage.day:
+                return held[2]
         by_subject = self._aggs.get(usage.day)
         if by_subject is None:
             by_subject = self._aggs[usage.day] = {}
@@ -403,12 +424,9 @@ class MemoryStore:
         cell = by_subject.get(subject)
         if cell is None:
             cell = by_subject[subject] = {}
-        names = aggregate_field_names(usage.model)
-        requests = names[0]
-        for name, value in zip(names, usage.totals.values(), strict=True):  # `aggregate_fields`, inline
-            if value or name is requests:
-                cell[name] = cell.get(name, 0) + value
-        return True
+        if layout is not None and layout.day == usage.day:  # aggregates are never dropped: it stays the one
+            layout.aggregate = (usage.user, usage.team, cell)
+        return cell
 
     async def aggregates(self, days: tuple[str, ...], user: str | None = None,
                          team: str | None = None) -> tuple[AggregateRow, ...]:

@@ -189,9 +189,9 @@ class RedisStore:
         if admission.tokens < 0 or admission.cost_micro_usd < 0:
             raise ValueError("an admission cannot reserve negative tokens or cost")
         layout = self._layouts.get(admission.limits, admission.tag, admission.day, admission.month,
-                                   admission.lease_seconds)
+                                   admission.lease_seconds, admission.slot)
         args, added = admit_args(layout, admission)
-        keys = [self._key(record_key(admission.tag, admission.request_id)), *layout.keys]
+        keys = [layout.record_prefix + admission.request_id, *layout.keys]  # the record: self._key(record_key(...))
         return layout, keys, args, added
 
     def _decision(self, admission: Admission, layout: ScriptLayout, added: list[int], reply: Any) -> Decision:
@@ -219,12 +219,12 @@ class RedisStore:
         states = passing_states(layout.checks, seen, admission.now)
         if states is None:
             return None
-        return Decision(True, reservation_of(admission), tuple(states), None, 0.0, ())
+        return Decision(True, reservation_of(admission, layout), tuple(states), None, 0.0, ())
 
     async def settle(self, reservation: Reservation, tokens: int, cost_micro_usd: int,
                      now: float) -> bool:
         layout = self._layouts.of_reservation(reservation)
-        record = self._key(record_key(reservation.tag, reservation.request_id))
+        record = layout.record_prefix + reservation.request_id  # self._key(record_key(...))
         # record.lua with no seen marker and no aggregate fields is the plain settle; the record
         # key stands in for the two keys it then does not touch (same hash tag).
         keys = [record, record, record, *layout.keys]
@@ -246,8 +246,10 @@ class RedisStore:
     # ------------------------------------------------------------ usage aggregates, keys, events
     async def settle_and_record(self, reservation: Reservation | None, usage: AggregateDelta,
                                 now: float) -> bool:
-        keys, args = self._record_call(reservation, usage, now)
-        listed = False if self._listed(usage) else await self._index(usage)
+        layout = self._layouts.of_reservation(reservation) if reservation is not None else None
+        aggregate, member = self._aggregate_of(usage, layout)
+        keys, args = self._record_call(reservation, usage, now, layout, aggregate)
+        listed = False if self._listed(usage.day, member) else await self._index(usage)
         recorded, created = _recorded(await self._run(self._record, keys, args))
         if created and not listed:  # the hash was gone (Redis lost data, or it expired): list it again
             await self._index(usage, force=True)
@@ -260,9 +262,13 @@ class RedisStore:
         event's hash; None otherwise, having sent nothing. One attempt: a caller that sees it
         fail runs `settle_and_record` (record.lua applies an event once, however often sent)."""
         conn = self._resp.open_connection() if self._resp is not None else None
-        if conn is None or not self._listed(usage):
+        if conn is None:
             return None
-        keys, args = self._record_call(reservation, usage, now)
+        layout = self._layouts.of_reservation(reservation) if reservation is not None else None
+        aggregate, member = self._aggregate_of(usage, layout)
+        if not self._listed(usage.day, member):
+            return None
+        keys, args = self._record_call(reservation, usage, now, layout, aggregate)
         sent = conn.send(pack(("EVALSHA", self._record.sha, len(keys), *keys, *args)))
         out: asyncio.Future[bool] = sent.get_loop().create_future()
         sent.add_done_callback(functools.partial(self._soon_recorded, usage, out))
@@ -288,19 +294,35 @@ class RedisStore:
         await self._index(usage, force=True)
         return recorded
 
-    def _record_call(self, reservation: Reservation | None, usage: AggregateDelta,
-                     now: float) -> tuple[list[str], list[str | int]]:
-        """record.lua's keys and arguments for one finished request (and its reservation)."""
+    def _aggregate_of(self, usage: AggregateDelta, layout: ScriptLayout | None) -> tuple[str, str]:
+        """The event's aggregate hash (prefixed) and its member in the day's index. A reservation's
+        layout (one subject's for one day) holds its subject's, so a settle does not look them up
+        among every subject's."""
+        if layout is not None:
+            held = layout.aggregate
+            if held is not None and held[0] is usage.user and held[1] is usage.team and layout.day is usage.day:
+                return held[2], held[3]
+        key = self._key(aggregate_key(usage.tag, usage.day, usage.user, usage.team))
+        member = index_member(usage.tag, usage.user, usage.team)
+        if layout is not None and layout.day == usage.day and layout.tag == usage.tag:
+            layout.aggregate = (usage.user, usage.team, key, member)
+        return key, member
+
+    def _record_call(self, reservation: Reservation | None, usage: AggregateDelta, now: float,
+                     layout: ScriptLayout | None, aggregate: str) -> tuple[list[str], list[str | int]]:
+        """record.lua's keys and arguments for one finished request (and its reservation, whose
+        layout is `layout`), adding to the `aggregate` hash."""
         if reservation is not None and reservation.tag != usage.tag:
             raise ValueError("a usage event must carry its reservation's hash tag")
         request_id = reservation.request_id if reservation is not None else usage.event_id
-        keys = [self._key(seen_key(usage.tag, usage.event_id)),
-                self._key(record_key(usage.tag, request_id)),
-                self._key(aggregate_key(usage.tag, usage.day, usage.user, usage.team))]
+        if layout is not None:
+            keys = [layout.seen_prefix + usage.event_id, layout.record_prefix + request_id, aggregate]
+        else:
+            keys = [self._key(seen_key(usage.tag, usage.event_id)), self._key(record_key(usage.tag, request_id)),
+                    aggregate]
         fields = aggregate_fields(usage)
         args: list[str | int] = [_fmt(now), request_id, SEEN_TTL_SECONDS, AGG_TTL_SECONDS, 0, len(fields)]
-        if reservation is not None:
-            layout = self._layouts.of_reservation(reservation)
+        if reservation is not None and layout is not None:
             keys += layout.keys
             args[4] = len(layout.keys)
             args += settle_args(layout, reservation, usage.totals.tokens, usage.totals.cost_micro_usd)
@@ -313,9 +335,9 @@ class RedisStore:
         has no hash tag (it spans subjects), so it cannot join the script: a process writes it once
         per hash and day, before the script, so a hash is never left unlisted, and again whenever
         the script says it had to create the hash."""
-        if not force and self._listed(usage):
-            return False
         member = index_member(usage.tag, usage.user, usage.team)
+        if not force and self._listed(usage.day, member):
+            return False
         key = self._key(index_key(usage.day))
         await self._commands([("SADD", key, member), ("EXPIRE", key, AGG_TTL_SECONDS)], "index write")
         listed = self._indexed.get(usage.day)
@@ -330,10 +352,10 @@ class RedisStore:
         listed.add(member)
         return True
 
-    def _listed(self, usage: AggregateDelta) -> bool:
-        """Whether this process already put the event's aggregate hash in its day's index."""
-        listed = self._indexed.get(usage.day)
-        return listed is not None and index_member(usage.tag, usage.user, usage.team) in listed
+    def _listed(self, day: str, member: str) -> bool:
+        """Whether this process already put an aggregate hash (its index `member`) in the day's index."""
+        listed = self._indexed.get(day)
+        return listed is not None and member in listed
 
     async def aggregates(self, days: tuple[str, ...], user: str | None = None,
                          team: str | None = None) -> tuple[AggregateRow, ...]:

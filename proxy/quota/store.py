@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
@@ -55,6 +55,16 @@ class Limit:
 DEFAULT_LEASE_SECONDS = 600.0
 
 
+class LayoutSlot:
+    """Where a subject keeps the layout a store made for its last admission (the store's own
+    type), so the next admission finds it without a lookup among every subject's layouts."""
+
+    __slots__ = ("layout",)
+
+    def __init__(self) -> None:
+        self.layout: object = None
+
+
 @dataclass(slots=True, unsafe_hash=True)  # not frozen: built per request, 4x cheaper to make
 class Admission:
     request_id: str
@@ -66,6 +76,8 @@ class Admission:
     day: str  # e.g. "2026-11-28", in the configured timezone
     month: str  # e.g. "2026-11"
     lease_seconds: float = DEFAULT_LEASE_SECONDS
+    # Where the subject keeps the store's layout for it (the gate passes one per subject), or None.
+    slot: LayoutSlot | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(slots=True, unsafe_hash=True)  # not frozen: built per request, 4x cheaper to make
@@ -90,6 +102,7 @@ class Reservation:
     time: float
     day: str
     month: str
+    layout: object = field(default=None, compare=False, repr=False)  # the store's layout for it, if it kept one
 
 
 @dataclass(slots=True, unsafe_hash=True)  # not frozen: built per request, 4x cheaper to make
