@@ -56,6 +56,20 @@ def presented_key(headers: CIMultiDictProxy[str], query: MultiMapping[str]) -> s
     return query.get("key") or None
 
 
+class _Presented:
+    """What a presented key resolved to, worked out once per distinct key: its digest and, for a
+    config file's key, its entry and subjects (a plain key has one; a trusted key's end users
+    each have theirs)."""
+
+    __slots__ = ("digest", "entry", "subject", "users")
+
+    def __init__(self, digest: str, entry: KeyEntry | None) -> None:
+        self.digest = digest
+        self.entry = entry
+        self.subject: Subject | None = None
+        self.users: dict[str, Subject] | None = None  # x-meterproxy-user -> subject, for a trusted key
+
+
 class KeyRing:
     """Digest → key entry: the config's keys in memory, keys created through the admin API or CLI
     in the store.
@@ -73,8 +87,8 @@ class KeyRing:
         self._by_digest: dict[str, KeyEntry] = {}
         self._extra: dict[str, KeyEntry] = {}  # store-created keys seen lately (outage fallback)
         # Per-request work done once per distinct value (bounded: cleared when full).
-        self._digests: dict[str, str] = {}  # presented key -> sha256
-        self._subjects: dict[tuple[str, str | None], Subject] = {}  # (key id, end-user header) -> subject
+        self._presented: dict[str, _Presented] = {}  # presented key -> its digest, config entry, subjects
+        self._subjects: dict[tuple[str, str | None], Subject] = {}  # store keys: (key id, end-user header) -> subject
         for k in config.keys:
             digest = k.key_sha256 or sha256_hex(k.key or "")
             own = k if k.values() else None
@@ -98,16 +112,41 @@ class KeyRing:
     def config_key_ids(self) -> frozenset[str]:
         return frozenset(e.key_id for e in self._by_digest.values())
 
+    def _resolved(self, key: str) -> _Presented:
+        hit = self._presented.get(key)
+        if hit is None:
+            if len(self._presented) >= _MAX_CACHED_KEYS:
+                self._presented.clear()
+            digest = sha256_hex(key)
+            hit = self._presented[key] = _Presented(digest, self._by_digest.get(digest))
+        return hit
+
     def configured(self, key: str | None) -> KeyEntry | None:
         """The entry of a key from the config file, without a coroutine: None for anything else."""
+        return self._resolved(key).entry if key else None
+
+    def configured_subject(self, key: str | None, end_user: str | None) -> Subject | None:
+        """`subject` of a key from the config file, without a coroutine, in one lookup per distinct
+        key (and one per end user a trusted key names); None for anything else: `lookup` it."""
         if not key:
             return None
-        digest = self._digests.get(key)
-        if digest is None:
-            if len(self._digests) >= _MAX_CACHED_KEYS:
-                self._digests.clear()
-            digest = self._digests[key] = sha256_hex(key)
-        return self._by_digest.get(digest)
+        hit = self._resolved(key)
+        entry = hit.entry
+        if entry is None:
+            return None
+        if entry.trusted and end_user:
+            users = hit.users
+            if users is None:
+                users = hit.users = {}
+            subject = users.get(end_user)
+            if subject is None:
+                if len(users) >= _MAX_CACHED_SUBJECTS:
+                    users.clear()
+                subject = users[end_user] = self._subject(entry, end_user)
+            return subject
+        if hit.subject is None:
+            hit.subject = self._subject(entry, None)
+        return hit.subject
 
     async def lookup(self, key: str | None) -> KeyEntry:
         if not key:
@@ -115,7 +154,7 @@ class KeyRing:
         entry = self.configured(key)
         if entry is not None:
             return entry
-        digest = self._digests.get(key) or sha256_hex(key)
+        digest = self._resolved(key).digest
         if self._store is None:
             entry = self._extra.get(digest)
             if entry is None:

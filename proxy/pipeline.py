@@ -82,8 +82,8 @@ async def _run(request: web.Request, svc: Services, f: Flight) -> web.StreamResp
     target = svc.router.by_path(request.path)
     # authenticate
     key = presented_key(request.headers, request.query)
-    entry = svc.keys.configured(key) or await svc.keys.lookup(key)
-    f.subject = svc.keys.subject(entry, request.headers.get(END_USER_HEADER))
+    end_user = request.headers.get(END_USER_HEADER)
+    f.subject = svc.keys.configured_subject(key, end_user) or svc.keys.subject(await svc.keys.lookup(key), end_user)
     if request.content.is_eof():  # the whole body came with the headers (the usual case): no wait, no timer
         raw = await _read_body(request, svc.config.max_body_bytes)
     else:

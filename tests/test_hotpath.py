@@ -10,11 +10,16 @@ import random
 import uuid
 from collections import deque
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+import yaml
+from conftest import ALICE_KEY, BACKEND_KEY, base_config
 from prometheus_client import CollectorRegistry
 from redisproc import RedisProc
 
+from proxy.auth import KeyRing
+from proxy.config import parse_config
 from proxy.metrics import Metrics
 from proxy.quota.history import (
     _HISTORY_IDLE_SECONDS,
@@ -338,6 +343,24 @@ async def test_tracker_waits_for_tracked_futures_then_records(caplog: pytest.Log
         await tracker.drain()
     assert done == ["ok", "handed over"] and len(tracker) == 0
     assert "settle/record failed" in caplog.text
+
+
+def test_key_ring_hands_out_one_subject_per_key_and_end_user(tmp_path: Path) -> None:
+    """The gate keeps a subject's profile on the Subject (its memo), so the key ring hands out the
+    same Subject for a key, and for each end user a trusted key names, on every request; a plain
+    key's subject ignores x-meterproxy-user, and a key not in the config gets none here."""
+    ring = KeyRing(parse_config(yaml.safe_dump(base_config("http://127.0.0.1:9", tmp_path))))
+    alice = ring.configured_subject(ALICE_KEY, "mallory")
+    assert alice is not None and alice.user == "alice" and alice.team == "research"
+    assert ring.configured_subject(ALICE_KEY, None) is alice
+    carol = ring.configured_subject(BACKEND_KEY, "carol")
+    assert carol is not None and (carol.user, carol.trusted) == ("carol", True)
+    assert ring.configured_subject(BACKEND_KEY, "carol") is carol
+    assert ring.configured_subject(BACKEND_KEY, "dave") is not carol
+    backend = ring.configured_subject(BACKEND_KEY, None)
+    assert backend is not None and backend.user == "backend" and ring.configured_subject(BACKEND_KEY, "") is backend
+    assert ring.configured_subject("mp-not-a-config-key", "carol") is None
+    assert ring.configured_subject(None, None) is None
 
 
 def test_per_subject_caches_hold_200_000_subjects() -> None:
