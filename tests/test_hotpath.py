@@ -260,6 +260,25 @@ def test_sweep_drops_expired_counters_a_slice_per_admission() -> None:
 
 
 
+def test_sweep_never_drops_the_new_cell_of_a_counter_it_saw_expire() -> None:
+    """The sweep walks the cells there were when it began. A counter whose cell expired and was
+    replaced meanwhile (its subject came back) keeps the new cell: the sweep skips the old one."""
+    store = MemoryStore(sweep_interval_seconds=60.0)
+    rpm = (Limit("user:x", LimitName.RPM, 1000),)
+    n = 2 * _SWEEP_SLICE + 10  # slices go from the end: u0's old cell is among the last ten looked at
+    for i in range(n):
+        assert store.admit_now(Admission(f"r{i}", f"u{i}", rpm, 1, 0, T0, "2030-03-17", "2030-03")).admitted
+    later = T0 + 3600
+    store.admit_now(Admission("first", "other", rpm, 1, 0, later, "2030-03-17", "2030-03"))  # the sweep begins
+    back = store.admit_now(Admission("back", "u0", rpm, 1, 0, later, "2030-03-17", "2030-03"))  # the 2nd slice, not u0
+    assert [s.used for s in back.states] == [1]  # its expired window was dropped: a new one
+    store.admit_now(Admission("next", "other", rpm, 1, 0, later, "2030-03-17", "2030-03"))  # sweeps u0's old cell
+    assert not store._sweeping
+    fresh = (Limit("user:x", LimitName.RPM, 1000),)  # another tuple: a new layout finds the counter by its key
+    again = store.admit_now(Admission("again", "u0", fresh, 1, 0, later, "2030-03-17", "2030-03"))
+    assert [s.used for s in again.states] == [2]
+
+
 async def test_a_layout_never_counts_into_a_cell_the_store_dropped() -> None:
     """Two limit sets share a counter; the second drops it (expired) and starts a new one. When the
     clock then steps back (an NTP correction), the first must not count into the dropped cell,
