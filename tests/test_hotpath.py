@@ -244,6 +244,22 @@ def test_full_history_keeps_its_pairs_and_takes_new_ones_as_idle_ones_leave() ->
     assert set(history._runs) == {("first", "m"), ("new", "m")}
 
 
+def test_an_idle_pair_used_again_is_not_swept_by_the_add_that_uses_it() -> None:
+    """A pair back after ten idle minutes, whose add starts a sweep that looks at it first, keeps
+    its run and the new output: the add marks it used before the sweep looks."""
+    clock = _Clock()
+    history = _History(clock)
+    for i in range(_HISTORY_SUBJECTS - 1):
+        history.add(f"u{i}", "m", 10)
+    for _ in range(_HISTORY_SUBJECTS // _SWEEP_SLICE + 1 + _HISTORY_MIN_SAMPLES):
+        history.add("back", "m", 900)  # full from its first add: a sweep runs through, drops none
+    assert not history._sweeping
+    clock.now += _HISTORY_IDLE_SECONDS + 100
+    history.add("back", "m", 40)  # starts the next sweep, whose first slice holds this pair
+    assert len(history._runs) == _HISTORY_SUBJECTS - _SWEEP_SLICE + 1  # the idle rest of the slice went
+    assert history.percentile("back", "m") == 900 and history._runs[("back", "m")].recent[-1] == 40
+
+
 def test_sweep_drops_expired_counters_a_slice_per_admission() -> None:
     store = MemoryStore(sweep_interval_seconds=60.0)
     rpm = (Limit("user:x", LimitName.RPM, 1000),)

@@ -50,6 +50,8 @@ class History:
         key = (user, model)
         run = self._runs.get(key)
         now = self._clock()
+        if run is not None:
+            run.used = now  # before the sweep below: a pair in use is not idle
         full = len(self._runs) >= _HISTORY_SUBJECTS
         if self._sweeping or (full and now >= self._next_sweep):
             self._sweep(now)
@@ -58,7 +60,7 @@ class History:
             if full:
                 return  # every remembered pair was in use lately: this one waits for room
             run = self._runs[key] = _Run()
-        run.used = now
+            run.used = now
         recent, ordered = run.recent, run.ordered
         if len(recent) == _HISTORY_SIZE:
             del ordered[bisect_left(ordered, recent[0])]  # the oldest leaves both
