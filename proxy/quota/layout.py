@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from datetime import tzinfo
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from proxy.quota.counters import (
     LEASE_RETRY_SECONDS,
@@ -26,6 +26,7 @@ from proxy.quota.counters import (
 )
 from proxy.quota.store import (
     DEFAULT_LEASE_SECONDS,
+    AggregateDelta,
     LayoutSlot,
     Limit,
     LimitName,
@@ -46,7 +47,7 @@ class Layout:
     """One subject's counters and limit checks for one day, month and lease length."""
 
     __slots__ = ("limits", "counters", "checks", "leases", "lease_seconds", "owner", "tag", "day", "month",
-                 "record_prefix", "seen_prefix")
+                 "record_prefix", "seen_prefix", "_aggregate")
 
     def __init__(self, limits: tuple[Limit, ...], counters: tuple[CounterSlot, ...],
                  checks: tuple[LimitCheck, ...], lease_seconds: float) -> None:
@@ -60,6 +61,20 @@ class Layout:
         self.tag = self.day = self.month = ""
         # Keys with the store's prefix, less the request or event id: record_key(...), seen_key(...)
         self.record_prefix = self.seen_prefix = ""
+        self._aggregate: tuple[str, str | None, Any] | None = None  # (user, team, the store's handle)
+
+    def held_aggregate(self, usage: AggregateDelta) -> Any:
+        """What the store keeps for `usage`'s aggregate (its cell, or its key), if this layout
+        holds it: a layout is one subject's for one day, so a settle need not look it up among
+        every subject's. None: look it up, then `hold_aggregate` it."""
+        held = self._aggregate
+        if held is not None and held[0] is usage.user and held[1] is usage.team and self.day is usage.day:
+            return held[2]
+        return None
+
+    def hold_aggregate(self, usage: AggregateDelta, handle: Any) -> None:
+        if self.day == usage.day and self.tag == usage.tag:
+            self._aggregate = (usage.user, usage.team, handle)
 
 
 def record_ttl_seconds(lease_seconds: float) -> int:

@@ -104,16 +104,14 @@ class _Cell:
 
 
 class _Layout(Layout):
-    """A layout with its counters' cells and its subject's usage aggregate, found on first use."""
+    """A layout with its counters' cells, found on first use."""
 
-    __slots__ = ("cells", "aggregate")
+    __slots__ = ("cells",)
 
     def __init__(self, limits: tuple[Limit, ...], counters: tuple[CounterSlot, ...],
                  checks: tuple[LimitCheck, ...], lease_seconds: float) -> None:
         super().__init__(limits, counters, checks, lease_seconds)
         self.cells: list[_Cell | None] = [None] * len(counters)
-        # (user, team, the day's aggregate) of the subject whose reservations settle here
-        self.aggregate: tuple[str, str | None, dict[str, int]] | None = None
 
 
 class MemoryStore:
@@ -267,7 +265,7 @@ class MemoryStore:
         """The key's cell, None if it has none or it expired (then it is dropped)."""
         cell = self._cells.get(key)
         if cell is not None and cell.expiry <= now:
-            self._drop(key)
+            self._drop(cell)
             return None
         return cell
 
@@ -287,12 +285,7 @@ class MemoryStore:
         cell = self._cells.get(key)
         return cell if cell is not None else self._new_cell(key)
 
-    def _drop(self, key: str) -> None:
-        cell = self._cells.pop(key, None)
-        if cell is not None:
-            cell.dead = True
-
-    def _drop_cell(self, cell: _Cell) -> None:
+    def _drop(self, cell: _Cell) -> None:
         if not cell.dead:  # a live cell is the one its key maps to
             del self._cells[cell.key]
             cell.dead = True
@@ -309,7 +302,7 @@ class MemoryStore:
             self._next_sweep = now + self._sweep_interval
             self._sweeping = list(self._cells.values())  # a copy of the references only: C speed
             self._sweeping_records = list(self._records)
-        sweep_slice(self._sweeping, _Cell.sweep_expiry, self._drop_cell, now)
+        sweep_slice(self._sweeping, _Cell.sweep_expiry, self._drop, now)
         sweep_slice(self._sweeping_records, self._records.get, self._records.__delitem__, now)
 
     def _view(self, counter: Counter, now: float, *, write: bool = True) -> CounterView:
@@ -422,9 +415,9 @@ class MemoryStore:
         """The (day, user, team) aggregate `usage` adds to: a reservation's layout (one subject's
         for one day) holds its subject's, so a settle does not look it up among every subject's."""
         if layout is not None:
-            held = layout.aggregate
-            if held is not None and held[0] is usage.user and held[1] is usage.team and layout.day is usage.day:
-                return held[2]
+            held: dict[str, int] | None = layout.held_aggregate(usage)
+            if held is not None:
+                return held
         by_subject = self._aggs.get(usage.day)
         if by_subject is None:
             by_subject = self._aggs[usage.day] = {}
@@ -432,8 +425,8 @@ class MemoryStore:
         cell = by_subject.get(subject)
         if cell is None:
             cell = by_subject[subject] = {}
-        if layout is not None and layout.day == usage.day:  # aggregates are never dropped: it stays the one
-            layout.aggregate = (usage.user, usage.team, cell)
+        if layout is not None:  # aggregates are never dropped: it stays the one
+            layout.hold_aggregate(usage, cell)
         return cell
 
     async def aggregates(self, days: tuple[str, ...], user: str | None = None,

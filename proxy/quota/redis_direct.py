@@ -19,7 +19,7 @@ class ScriptLayout(Layout):
     """A layout with what the scripts take precomputed: the counter keys, and admit.lua's argument
     tail with the places where this admission's tokens and cost go."""
 
-    __slots__ = ("keys", "kinds", "record_ttl", "admit_tail", "amount_at", "aggregate")
+    __slots__ = ("keys", "kinds", "record_ttl", "admit_tail", "amount_at")
 
     def __init__(self, limits: tuple[Limit, ...], counters: tuple[CounterSlot, ...],
                  checks: tuple[LimitCheck, ...], lease_seconds: float) -> None:
@@ -37,8 +37,6 @@ class ScriptLayout(Layout):
             tail += [slot + 1, lim.value, int(lim.enforce)]
         self.admit_tail = tail
         self.amount_at = tuple(amount_at)
-        # (user, team, aggregate hash key, its day-index member) of the subject settling here
-        self.aggregate: tuple[str, str | None, str, str] | None = None
 
 
 def admit_args(layout: ScriptLayout, admission: Admission) -> tuple[Args, list[int]]:

@@ -299,14 +299,14 @@ class RedisStore:
         layout (one subject's for one day) holds its subject's, so a settle does not look them up
         among every subject's."""
         if layout is not None:
-            held = layout.aggregate
-            if held is not None and held[0] is usage.user and held[1] is usage.team and layout.day is usage.day:
-                return held[2], held[3]
-        key = self._key(aggregate_key(usage.tag, usage.day, usage.user, usage.team))
-        member = index_member(usage.tag, usage.user, usage.team)
-        if layout is not None and layout.day == usage.day and layout.tag == usage.tag:
-            layout.aggregate = (usage.user, usage.team, key, member)
-        return key, member
+            held: tuple[str, str] | None = layout.held_aggregate(usage)
+            if held is not None:
+                return held
+        names = (self._key(aggregate_key(usage.tag, usage.day, usage.user, usage.team)),
+                 index_member(usage.tag, usage.user, usage.team))
+        if layout is not None:
+            layout.hold_aggregate(usage, names)
+        return names
 
     def _record_call(self, reservation: Reservation | None, usage: AggregateDelta, now: float,
                      layout: ScriptLayout | None, aggregate: str) -> tuple[list[str], list[str | int]]:
