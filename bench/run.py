@@ -41,6 +41,7 @@ class Target:
     proc: h.Proc | None  # None for direct: nothing sits between client and upstream
     ident: Identity
     script: Path  # the wrk Lua script for this target's identity
+    store: h.Proc | None = None  # the redis-server a redis target owns: its CPU is reported apart
     samples: dict[str, list[dict[str, float]]] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     rss_bytes: int = 0
@@ -197,6 +198,7 @@ def start_targets(args: argparse.Namespace, names: list[str], procs: h.Procs, pi
     several = len(idents) > 1
     # name -> (starter, identity, path)
     plans: dict[str, tuple[Callable[[int], h.Proc], Identity, str]] = {}
+    stores: dict[str, h.Proc] = {}  # target name -> its redis-server, filled as targets start
     if "floor" in names:
         plans["floor"] = (lambda port: h.start_floor(procs, pin, port, upstream_port), idents[0], path)
     for n, ident in enumerate(idents):
@@ -208,7 +210,8 @@ def start_targets(args: argparse.Namespace, names: list[str], procs: h.Procs, pi
                                        ident, prefix + path)
         if "redis" in names:
             plans["redis" + label] = (_redis_starter(procs, pin, f"redis{slug}", upstream_port, ident.keys,
-                                                     args.workers), ident, prefix + path)
+                                                     args.workers, stores, "redis" + label),
+                                      ident, prefix + path)
     litellm_bin = os.environ.get("LITELLM_BIN")
     if "litellm" in names and litellm_bin:
         cfg_l = h.litellm_config(workdir, upstream_port)
@@ -228,7 +231,7 @@ def start_targets(args: argparse.Namespace, names: list[str], procs: h.Procs, pi
             except (h.StartError, OSError) as exc:
                 problems.append(f"{name}: failed to start: {exc}")
                 continue
-            targets.append(Target(name, ports[name], tpath, proc, ident, script(ident)))
+            targets.append(Target(name, ports[name], tpath, proc, ident, script(ident), stores.get(name)))
     return targets, problems
 
 
@@ -238,10 +241,10 @@ def _meterproxy_starter(procs: h.Procs, pin: h.Pinning, name: str, cfg: Path,
 
 
 def _redis_starter(procs: h.Procs, pin: h.Pinning, name: str, upstream_port: int, keys: int,
-                   workers: int) -> Callable[[int], h.Proc]:
+                   workers: int, stores: dict[str, h.Proc], target: str) -> Callable[[int], h.Proc]:
     def start(port: int) -> h.Proc:
         rport = h.free_port()
-        h.start_redis(procs, pin, rport)
+        stores[target] = h.start_redis(procs, pin, rport)
         cfg = h.meterproxy_config(procs.workdir, name, upstream_port, f"redis://127.0.0.1:{rport}/0", keys)
         return h.start_meterproxy(procs, pin, name, port, cfg, workers)
     return start
@@ -253,6 +256,8 @@ def _redis_starter(procs: h.Procs, pin: h.Pinning, name: str, upstream_port: int
 def measure(target: Target, phase: str, plan: Plan, stream_body: bytes) -> None:
     pids = target.pids()
     cpu0 = h.cpu_seconds(pids)
+    store_pids = [target.store.pid] if target.store else []
+    store_cpu0 = h.cpu_seconds(store_pids)
     t0 = time.perf_counter()
     sample: dict[str, float]
     if phase == "rps":
@@ -281,6 +286,8 @@ def measure(target: Target, phase: str, plan: Plan, stream_body: bytes) -> None:
         cpu_s = h.cpu_seconds(pids) - cpu0
         sample["cpu_ms_per_req"] = cpu_s * 1000 / count if count else float("nan")
         sample["cpu_util"] = cpu_s / elapsed
+    if store_pids and count:
+        sample["store_cpu_ms_per_req"] = (h.cpu_seconds(store_pids) - store_cpu0) * 1000 / count
     target.samples.setdefault(phase, []).append(sample)
 
 
@@ -340,6 +347,7 @@ def summarize(targets: list[Target]) -> dict[str, dict[str, float]]:
             "ttft_p50_ms": med(t, "stream", "ttft_p50_ms"),
             "cpu_ms_per_req": med(t, "rps", "cpu_ms_per_req"),
             "cpu_ms_per_stream": med(t, "stream", "cpu_ms_per_req"),
+            "store_cpu_ms_per_req": med(t, "rps", "store_cpu_ms_per_req"),
             "cpu_util_rps": med(t, "rps", "cpu_util"),
             "cpu_util_stream": med(t, "stream", "cpu_util"),
             "rss_mib": t.rss_bytes / MIB if t.proc else float("nan"),
@@ -355,9 +363,10 @@ def table(summary: dict[str, dict[str, float]], targets: list[Target], plan: Pla
     head = (
         f"| target | RPS @{plan.conns} | × floor | p50 @1 (ms) | p99 @1 (ms) | added p50 / p99 (ms) "
         f"| streams/s @{plan.stream_conns} | × floor | TTFT p50 @{plan.stream_conns} (ms) "
-        f"| CPU ms/req | CPU ms/stream | busy @{plan.conns} | busy @{plan.stream_conns} | RSS (MiB) | status |"
+        f"| CPU ms/req | CPU ms/stream | Redis CPU ms/req | busy @{plan.conns} | busy @{plan.stream_conns} "
+        f"| RSS (MiB) | status |"
     )
-    lines = [head, "|" + "---|" * 15]
+    lines = [head, "|" + "---|" * 16]
     for t in targets:
         r = summary[t.name]
         added_cell = "—" if t.name == "direct" else (
@@ -367,7 +376,8 @@ def table(summary: dict[str, dict[str, float]], targets: list[Target], plan: Pla
             f"| {fmt(r['p50_ms'], 2)} | {fmt(r['p99_ms'], 2)} | {added_cell} "
             f"| {fmt(r['streams_per_s'])} | {fmt(r.get('stream_x_floor', math.nan), 2)} "
             f"| {fmt(r['ttft_p50_ms'], 2)} | {fmt(r['cpu_ms_per_req'], 3)} "
-            f"| {fmt(r['cpu_ms_per_stream'], 3)} | {fmt(r['cpu_util_rps'] * 100, 0, '%')} "
+            f"| {fmt(r['cpu_ms_per_stream'], 3)} | {fmt(r['store_cpu_ms_per_req'], 3)} "
+            f"| {fmt(r['cpu_util_rps'] * 100, 0, '%')} "
             f"| {fmt(r['cpu_util_stream'] * 100, 0, '%')} "
             f"| {fmt(r['rss_mib'], 0)} "
             f"| {'ok' if not t.failures else 'FAILED'} |"
