@@ -40,7 +40,12 @@ local n = tonumber(ARGV[5])
 local m = tonumber(ARGV[6])
 local sec_field = string.format('%d', second)
 
-local FULL_PASS_AFTER = 180  -- seconds between 'o' and the window's start past which one full pass is cheaper
+-- Seconds of probing (from 'o' up to the window's start, or ahead of it for the oldest live
+-- bucket) past which one full pass is cheaper. A window holds at most one bucket per second, so a
+-- full pass reads as many fields as there are live buckets, while each probe is a field lookup of
+-- its own: probing pays only while a subject's traffic is dense (a bucket every second, 'o' one
+-- second behind). A subject seen every few seconds has few buckets and wide gaps: a full pass.
+local PROBE_MAX = 8
 
 -- A window's live buckets {second, amount}, oldest first: what frees room, and when.
 local function live_sorted(key)
@@ -80,7 +85,7 @@ end
 local function window_view(key)
   local meta = redis.call('HMGET', key, 't', 'o')
   local total, o = tonumber(meta[1]), tonumber(meta[2])
-  if total == nil or o == nil or low - o > FULL_PASS_AFTER then
+  if total == nil or o == nil or low - o > PROBE_MAX then
     return window_full(key)
   end
   local moved = false  -- 'o' or 't' to write back
@@ -104,7 +109,7 @@ local function window_view(key)
   end
   if redis.call('HEXISTS', key, tostring(o)) == 0 then
     local fields = {}
-    for s = o + 1, o + FULL_PASS_AFTER do fields[#fields + 1] = tostring(s) end
+    for s = o + 1, o + PROBE_MAX do fields[#fields + 1] = tostring(s) end
     local values, found = redis.call('HMGET', key, unpack(fields)), nil
     for k = 1, #fields do
       if values[k] then found = o + k; break end
