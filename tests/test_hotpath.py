@@ -23,6 +23,7 @@ from redisproc import RedisProc
 from proxy.auth import KeyRing
 from proxy.config import parse_config
 from proxy.metrics import Metrics
+from proxy.quota.counters import AGG_TTL_SECONDS, aggregate_key
 from proxy.quota.history import (
     _HISTORY_IDLE_SECONDS,
     _HISTORY_MIN_SAMPLES,
@@ -236,6 +237,22 @@ async def test_redis_admission_reads_a_sparse_window_whole_instead_of_probing_it
         assert probed <= 16, on_window  # t and o, the 2 s that left, a look ahead of 8 s
         assert late[0].admitted and late[0].states[0].used == 101 + 102 + 100  # the bucket of T0 has left
         assert late[0].states[0].reset_seconds == pytest.approx(second + 20 + 60 - (T0 + 61))
+    finally:
+        await store.close()
+
+
+async def test_redis_aggregate_hash_expires_a_retention_after_its_days_first_event(redis_server: RedisProc) -> None:
+    prefix = f"g{uuid.uuid4().hex[:8]}:"
+    store = RedisStore(redis_server.url, prefix=prefix)
+    await store.start()
+    assert store._resp is not None
+    key = prefix + aggregate_key(TAG, "2030-03-17", "al", "a")
+    try:
+        for n in range(3):
+            assert await store.settle_and_record(None, _random_usage(random.Random(n), f"e{n}", "2030-03-17"), T0)
+            ttl = await store._resp.call(pack(("TTL", key)))
+            assert AGG_TTL_SECONDS - 5 < ttl <= AGG_TTL_SECONDS  # never left without one
+        assert (await store.aggregates(("2030-03-17",), user="al"))[0].totals.requests == 3
     finally:
         await store.close()
 

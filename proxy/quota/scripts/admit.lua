@@ -17,9 +17,11 @@ then m triples, one per limit:    counter index (1-based), value, enforce ("1" |
 
 Counters: "w" a hash of one-second buckets (field = unix second, value = amount, always > 0)
 summed over the 60 buckets [floor(now)-59, ...], with two more fields: 't', the sum of every
-bucket in the hash, and 'o', a second no bucket is older than. So an admission reads those two
-and drops only the seconds that left the window, instead of summing every bucket each time; a
-window without them (new, or written by an older version) is summed once in full. "p" a plain
+bucket in the hash, and 'o', the oldest bucket's second (record.lua drops 'o' when it drops
+that bucket). So an admission reads those two and drops only the seconds that left the window,
+instead of summing every bucket each time; a window without them (new, or written by an older
+version) is summed once in full. (A version before 2026-11-29 could leave 'o' naming a dropped
+bucket; that only makes a reset time early, until 'o' leaves the window.) "p" a plain
 integer; "l" a sorted set request_id -> expiry whose expired members are dropped here.
 
 Idempotent per request_id: if the reservation record already exists, this is a client retry of
@@ -107,7 +109,9 @@ local function window_view(key)
     redis.call('HDEL', key, 't', 'o')
     return 0, -1
   end
-  if redis.call('HEXISTS', key, tostring(o)) == 0 then
+  -- 'o' names a live bucket (settle drops 'o' with the bucket it names); one moved up to the
+  -- window's start is only a bound, so look for the bucket there.
+  if moved and redis.call('HEXISTS', key, tostring(o)) == 0 then
     local fields = {}
     for s = o + 1, o + PROBE_MAX do fields[#fields + 1] = tostring(s) end
     local values, found = redis.call('HMGET', key, unpack(fields)), nil
@@ -139,7 +143,9 @@ for i = 1, n do
   used[i], oldest[i] = total, first
 end
 
-if redis.call('EXISTS', KEYS[1]) == 1 then
+-- The record first (NX): set, this is a new request; present, a retry of one that went through.
+-- A refusal below takes it back.
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[3]) then
   local none = {}
   for j = 1, m do none[j] = -1 end
   return {1, used, oldest, none, 1}
@@ -172,16 +178,21 @@ if admitted == 1 then
       if redis.call('TTL', key) < ttls[i] then redis.call('EXPIRE', key, ttls[i]) end
     elseif tonumber(amount) ~= 0 then
       if kinds[i] == 'w' then
-        redis.call('HINCRBY', key, sec_field, amount)
+        -- The key outlives its newest bucket: its TTL is set when a second's bucket is made, not
+        -- again by every request of that second.
+        if redis.call('HINCRBY', key, sec_field, amount) == tonumber(amount) then
+          redis.call('EXPIRE', key, ttls[i])
+        end
         redis.call('HINCRBY', key, 't', amount)
         if oldest[i] < 0 or second < oldest[i] then redis.call('HSET', key, 'o', sec_field) end
       else
         redis.call('INCRBY', key, amount)
+        redis.call('EXPIRE', key, ttls[i])
       end
-      redis.call('EXPIRE', key, ttls[i])
     end
   end
-  redis.call('SET', KEYS[1], '1', 'EX', ARGV[3])
+else
+  redis.call('DEL', KEYS[1])
 end
 
 return {admitted, used, oldest, free_at, 0}

@@ -52,12 +52,15 @@ if redis.call('DEL', KEYS[2]) == 1 then
           if v <= 0 then
             redis.call('HDEL', key, bucket)
             change = delta - v  -- the bucket left whole
+            -- 'o' named it: admit.lua trusts 'o' to name a live bucket, so it looks again
+            if tonumber(meta[2]) == tonumber(bucket) then redis.call('HDEL', key, 'o') end
           elseif meta[2] and tonumber(bucket) < tonumber(meta[2]) then
             redis.call('HSET', key, 'o', bucket)
           end
           if meta[1] then redis.call('HINCRBY', key, 't', change) end
-          -- what it added must outlive the window
-          if delta > 0 or redis.call('TTL', key) < 0 then redis.call('EXPIRE', key, ttl) end
+          -- What it added must outlive the window. A take-back leaves the key's TTL as it was: it
+          -- had one, or the HINCRBY above made it and the HDEL emptied it away.
+          if delta > 0 then redis.call('EXPIRE', key, ttl) end
         end
       elseif delta > 0 or redis.call('EXISTS', key) == 1 then
         local v = redis.call('INCRBY', key, ARGV[a + 2])
@@ -74,5 +77,6 @@ local base = 6 + n * 4
 for j = 1, f do
   redis.call('HINCRBY', KEYS[3], ARGV[base + (j - 1) * 2 + 1], ARGV[base + (j - 1) * 2 + 2])
 end
-redis.call('EXPIRE', KEYS[3], ARGV[4])
+-- One hash per day: its TTL counts from the day's first event.
+if created == 1 then redis.call('EXPIRE', KEYS[3], ARGV[4]) end
 return {1, settled, created}
