@@ -18,6 +18,10 @@ def test_bench_smoke_serves_through_every_target() -> None:
     rows = {line.split("|")[1].strip(): line for line in r.stdout.splitlines() if line.startswith("| ")}
     for target in ("direct", "floor", "memory", "redis"):
         assert target in rows and rows[target].rstrip().endswith("| ok |"), r.stdout
+    head = next(line for line in r.stdout.splitlines() if line.startswith("| target"))
+    col = [c.strip() for c in head.split("|")].index("Redis CPU ms/req")
+    cells = {t: rows[t].split("|")[col].strip() for t in ("memory", "redis")}
+    assert cells["memory"] == "—" and float(cells["redis"]) > 0, head + "\n" + r.stdout  # its own redis-server's
 
 
 
@@ -70,3 +74,13 @@ def test_ab_compares_two_targets_side_by_side() -> None:
     assert r.stderr.count("# round ") == 4  # two rounds, each phase on both targets
     bad = subprocess.run([sys.executable, "bench/ab.py", f"one={exe}:x10"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "the identity is uN (users) or kN (keys)" in bad.stderr
+
+
+def test_store_cost_measures_redis_cpu_per_request() -> None:
+    r = subprocess.run([sys.executable, "bench/store_cost.py", "--subjects", "3,40", "--requests", "3000",
+                        "--visits", "1", "--redis-core", "", "--client-core", ""],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = [line.split("|") for line in r.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [row[1].strip() for row in rows] == ["3", "40"], r.stdout
+    assert all(float(row[2]) > 0 and float(row[3].replace(",", "")) > 0 for row in rows), r.stdout
