@@ -194,6 +194,9 @@ async def _monitored(url: str, action: Callable[[], Awaitable[object]],
     parts = urlsplit(url)
     reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
     try:
+        if parts.password:  # a REDIS_URL with credentials
+            writer.write(pack(("AUTH", *([parts.username] if parts.username else []), parts.password)))
+            assert await reader.readline() == b"+OK\r\n"
         writer.write(b"MONITOR\r\n")
         assert await reader.readline() == b"+OK\r\n"
         await action()

@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 from redisproc import ClusterProc, RedisProc, start_redis
 
 from proxy.errors import StoreError
+from proxy.quota.counters import WINDOW_TTL_SECONDS
 from proxy.quota.memory import MemoryStore
 from proxy.quota.redis_store import RedisStore, split_cluster_flag
 from proxy.quota.store import (
@@ -344,7 +345,7 @@ async def test_memory_store_drops_expired_counters() -> None:
                               now=T0 + i))
     # Windows outlive their last use by at most their TTL plus one sweep interval.
     windows = [k for k in store._cells if k.endswith(":rpm")]
-    assert len(windows) <= 62 + 60 and len(store._cells) - len(windows) == 200
+    assert len(windows) <= WINDOW_TTL_SECONDS + 60 and len(store._cells) - len(windows) == 200
     # Each admission sweeps one slice of the keys there were when the sweep began: 600 keys, 3 slices.
     later = [await store.admit(adm(rid=f"later-{i}", now=T0 + 4 * 86_400)) for i in range(3)]
     assert store._cells == {}

@@ -28,7 +28,9 @@ from proxy.quota.store import (
 
 WINDOW_SECONDS = 60
 # A window's one-second buckets outlive the window by a little so a late reader still sees them.
-WINDOW_TTL_SECONDS = WINDOW_SECONDS + 2
+# admit.lua sets a window key's TTL when it makes a second's bucket, so this margin is also how
+# far proxies' clocks may disagree before one's writes into another's bucket expire early.
+WINDOW_TTL_SECONDS = WINDOW_SECONDS + 10
 # Periods are named in the caller's zone, so a day key must outlive the UTC day by up to a day.
 DAY_TTL_SECONDS = 3 * 86400
 MONTH_TTL_SECONDS = 62 * 86400

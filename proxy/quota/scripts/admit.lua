@@ -19,9 +19,10 @@ Counters: "w" a hash of one-second buckets (field = unix second, value = amount,
 summed over the 60 buckets [floor(now)-59, ...], with two more fields: 't', the sum of every
 bucket in the hash, and 'o', the oldest bucket's second (record.lua drops 'o' when it drops
 that bucket). So an admission reads those two and drops only the seconds that left the window,
-instead of summing every bucket each time; a window without them (new, or written by an older
-version) is summed once in full. (A version before 2026-11-29 could leave 'o' naming a dropped
-bucket; that only makes a reset time early, until 'o' leaves the window.) "p" a plain
+instead of summing every bucket each time; a window without them (new, written by an older
+version, or whose 'o' record.lua dropped) is summed once in full. (record.lua from before
+2026-11-29, still run by proxies not yet upgraded in a rolling deploy, can leave 'o' naming a
+dropped bucket; that only makes a reset time early, until 'o' leaves the window.) "p" a plain
 integer; "l" a sorted set request_id -> expiry whose expired members are dropped here.
 
 Idempotent per request_id: if the reservation record already exists, this is a client retry of
@@ -143,9 +144,7 @@ for i = 1, n do
   used[i], oldest[i] = total, first
 end
 
--- The record first (NX): set, this is a new request; present, a retry of one that went through.
--- A refusal below takes it back.
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[3]) then
+if redis.call('EXISTS', KEYS[1]) == 1 then
   local none = {}
   for j = 1, m do none[j] = -1 end
   return {1, used, oldest, none, 1}
@@ -179,7 +178,8 @@ if admitted == 1 then
     elseif tonumber(amount) ~= 0 then
       if kinds[i] == 'w' then
         -- The key outlives its newest bucket: its TTL is set when a second's bucket is made, not
-        -- again by every request of that second.
+        -- again by every request of that second (the TTL's margin covers proxies whose clocks
+        -- disagree, writing into a bucket another one made).
         if redis.call('HINCRBY', key, sec_field, amount) == tonumber(amount) then
           redis.call('EXPIRE', key, ttls[i])
         end
@@ -191,8 +191,7 @@ if admitted == 1 then
       end
     end
   end
-else
-  redis.call('DEL', KEYS[1])
+  redis.call('SET', KEYS[1], '1', 'EX', ARGV[3])
 end
 
 return {admitted, used, oldest, free_at, 0}
