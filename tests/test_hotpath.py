@@ -4,14 +4,16 @@ callback (and as a task when it has to wait)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import random
 import re
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -161,15 +163,23 @@ async def test_redis_direct_admission_decides_and_counts_as_the_general_path_and
         await slow.close()
 
 
-async def test_redis_window_without_a_running_total_is_summed_once_in_full(redis_server: RedisProc) -> None:
-    prefix = f"o{uuid.uuid4().hex[:8]}:"
-    store = RedisStore(redis_server.url, prefix=prefix)
+@contextlib.asynccontextmanager
+async def _fresh_redis_store(url: str) -> AsyncIterator[tuple[RedisStore, str, Callable[[bytes], Awaitable[Any]]]]:
+    """A started redis store under a prefix of its own: (store, prefix, raw call)."""
+    prefix = f"t{uuid.uuid4().hex[:8]}:"
+    store = RedisStore(url, prefix=prefix)
     await store.start()
     assert store._resp is not None
-    call = store._resp.call
-    key, second = prefix + "{team-a}:user:al:tpm", math.floor(T0)
-    tpm = (Limit("user:al", LimitName.TPM, 1000),)
     try:
+        yield store, prefix, store._resp.call
+    finally:
+        await store.close()
+
+
+async def test_redis_window_without_a_running_total_is_summed_once_in_full(redis_server: RedisProc) -> None:
+    async with _fresh_redis_store(redis_server.url) as (store, prefix, call):
+        key, second = prefix + "{team-a}:user:al:tpm", math.floor(T0)
+        tpm = (Limit("user:al", LimitName.TPM, 1000),)
         # As a version without running totals left it: buckets only, one already out of the window.
         await call(pack(("HSET", key, second - 70, 500, second - 30, 300, second - 5, 200)))
         first = await store.admit(Admission("r1", TAG, tpm, 100, 0, T0, "2030-03-17", "2030-03"))
@@ -183,8 +193,6 @@ async def test_redis_window_without_a_running_total_is_summed_once_in_full(redis
         refused = await store.admit(Admission("r2", TAG, tpm, 800, 0, T0 + 31, "2030-03-17", "2030-03"))
         assert not refused.admitted and refused.states[0].used == 300  # 200 + 100
         assert refused.retry_after_seconds == pytest.approx(second - 5 + 60 - (T0 + 31))  # when the 200 leaves
-    finally:
-        await store.close()
 
 
 async def _monitored(url: str, action: Callable[[], Awaitable[object]],
@@ -218,14 +226,9 @@ async def test_redis_admission_reads_a_sparse_window_whole_instead_of_probing_it
     bucket is a gap away, which admit.lua finds by reading the few buckets there are, not by
     looking up every second ahead (181 lookups per window per admission before, 4x Redis's CPU per
     request at 100,000 users in bench/)."""
-    prefix = f"p{uuid.uuid4().hex[:8]}:"
-    store = RedisStore(redis_server.url, prefix=prefix)
-    await store.start()
-    assert store._resp is not None
-    call = store._resp.call
-    key, second = prefix + "{team-a}:user:al:tpm", math.floor(T0)
-    tpm = (Limit("user:al", LimitName.TPM, 1000),)
-    try:
+    async with _fresh_redis_store(redis_server.url) as (store, prefix, call):
+        key, second = prefix + "{team-a}:user:al:tpm", math.floor(T0)
+        tpm = (Limit("user:al", LimitName.TPM, 1000),)
         for n, at in enumerate((0, 20, 40)):
             assert (await store.admit(Admission(f"r{n}", TAG, tpm, 100 + n, 0, T0 + at, "2030-03-17", "2030-03"))).admitted
         late: list[Decision] = []
@@ -240,24 +243,16 @@ async def test_redis_admission_reads_a_sparse_window_whole_instead_of_probing_it
         assert probed <= 16, on_window  # t and o, the 2 s that left, a look ahead of 8 s
         assert late[0].admitted and late[0].states[0].used == 101 + 102 + 100  # the bucket of T0 has left
         assert late[0].states[0].reset_seconds == pytest.approx(second + 20 + 60 - (T0 + 61))
-    finally:
-        await store.close()
 
 
 async def test_redis_aggregate_hash_expires_a_retention_after_its_days_first_event(redis_server: RedisProc) -> None:
-    prefix = f"g{uuid.uuid4().hex[:8]}:"
-    store = RedisStore(redis_server.url, prefix=prefix)
-    await store.start()
-    assert store._resp is not None
-    key = prefix + aggregate_key(TAG, "2030-03-17", "al", "a")
-    try:
+    async with _fresh_redis_store(redis_server.url) as (store, prefix, call):
+        key = prefix + aggregate_key(TAG, "2030-03-17", "al", "a")
         for n in range(3):
             assert await store.settle_and_record(None, _random_usage(random.Random(n), f"e{n}", "2030-03-17"), T0)
-            ttl = await store._resp.call(pack(("TTL", key)))
+            ttl = await call(pack(("TTL", key)))
             assert AGG_TTL_SECONDS - 5 < ttl <= AGG_TTL_SECONDS  # never left without one
         assert (await store.aggregates(("2030-03-17",), user="al"))[0].totals.requests == 3
-    finally:
-        await store.close()
 
 
 def test_fast_admission_refuses_negative_amounts_like_the_general_path() -> None:
