@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -74,41 +72,35 @@ async def drive(store: RedisStore, subjects: Subjects, count: int, concurrency: 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
 
 
-async def measure(n: int, args: argparse.Namespace, workdir: Path) -> tuple[float, float, int]:
+async def measure(n: int, args: argparse.Namespace, procs: h.Procs) -> tuple[float, float]:
+    """Redis CPU ms per request and requests/s for `n` subjects, on a fresh redis-server."""
     port = h.free_port()
-    exe = shutil.which("redis-server") or "redis-server"
-    argv = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-            "--dir", str(workdir)]
-    if args.redis_core:
-        argv = ["taskset", "-c", args.redis_core, *argv]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    server = h.start_redis(procs, h.Pinning(args.redis_core or None, None), port)
     try:
         store = RedisStore(f"redis://127.0.0.1:{port}/0")
-        for _ in range(100):
-            try:
-                await store.start()
-                break
-            except Exception:  # not listening yet
-                await asyncio.sleep(0.05)
+        await store.start()
         subjects = Subjects(n)
         print(f"# {n} subjects: warming up ({args.visits} visits each)", file=sys.stderr, flush=True)
         await drive(store, subjects, n * args.visits, args.concurrency, 0)
-        cpu0, t0 = h.cpu_seconds([proc.pid]), time.perf_counter()
+        cpu0, t0 = h.cpu_seconds([server.pid]), time.perf_counter()
         await drive(store, subjects, args.requests, args.concurrency, n * args.visits)
-        cpu, wall = h.cpu_seconds([proc.pid]) - cpu0, time.perf_counter() - t0
+        cpu, wall = h.cpu_seconds([server.pid]) - cpu0, time.perf_counter() - t0
         await store.close()
-        return cpu * 1000 / args.requests, args.requests / wall, n
+        return cpu * 1000 / args.requests, args.requests / wall
     finally:
-        proc.terminate()
-        proc.wait()
+        server.stop()
 
 
 async def amain(args: argparse.Namespace) -> int:
     print("| subjects | Redis CPU ms/req | req/s |\n|---|---|---|")
     with tempfile.TemporaryDirectory(prefix="store-cost-") as tmp:
-        for n in (int(x) for x in args.subjects.split(",")):
-            ms, rate, _ = await measure(n, args, Path(tmp))
-            print(f"| {n:,} | {ms:.4f} | {rate:,.0f} |", flush=True)
+        procs = h.Procs(Path(tmp))
+        try:
+            for n in (int(x) for x in args.subjects.split(",")):
+                ms, rate = await measure(n, args, procs)
+                print(f"| {n:,} | {ms:.4f} | {rate:,.0f} |", flush=True)
+        finally:
+            procs.stop_all()
     return 0
 
 
