@@ -247,8 +247,21 @@ def meterproxy_bin() -> str:
     return os.environ.get("METERPROXY_BIN") or str(Path(sys.executable).parent / "meterproxy")
 
 
+def compile_bytecode(package: Path = BENCH_DIR.parent / "proxy") -> None:
+    """Write this checkout's .pyc files, as `pip install` does for an installed copy (and the
+    Docker image), so meterproxy starts from bytecode. Without them (an editable install under
+    PYTHONDONTWRITEBYTECODE=1, as on these machines) every start compiles the sources in memory,
+    which leaves about 1.4 MiB more resident (measured). Cheap when nothing changed: it compares
+    timestamps. Another checkout run through `exe` compiles its own (`python -m compileall proxy`)."""
+    import compileall
+
+    if package.is_dir():
+        compileall.compile_dir(str(package), quiet=1)
+
+
 def start_meterproxy(procs: Procs, pin: Pinning, name: str, port: int, config: Path,
                      workers: int, timeout: float = 60, exe: str | None = None) -> Proc:
+    compile_bytecode()
     argv = [exe or meterproxy_bin(), "serve", "--config", str(config), "--host", "127.0.0.1",
             "--port", str(port)]
     if workers > 1:
