@@ -83,4 +83,6 @@ def test_store_cost_measures_redis_cpu_per_request() -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     rows = [line.split("|") for line in r.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [row[1].strip() for row in rows] == ["3", "40"], r.stdout
-    assert all(float(row[2]) > 0 and float(row[3].replace(",", "")) > 0 for row in rows), r.stdout
+    # Redis CPU, the client's own CPU and the rate: each measured, so each positive
+    assert all(float(row[2]) > 0 and float(row[3]) > 0 and float(row[4].replace(",", "")) > 0
+               for row in rows), r.stdout
