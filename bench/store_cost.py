@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness as h  # noqa: E402
 
+from proxy.errors import StoreError  # noqa: E402
 from proxy.quota.redis_store import RedisStore  # noqa: E402
 from proxy.quota.store import Admission, AggregateDelta, Limit, LimitName, Totals  # noqa: E402
 
@@ -99,7 +100,13 @@ async def amain(args: argparse.Namespace) -> int:
         procs = h.Procs(Path(tmp))
         try:
             for n in (int(x) for x in args.subjects.split(",")):
-                ms, own, rate = await measure(n, args, procs)
+                try:
+                    ms, own, rate = await measure(n, args, procs)
+                except StoreError as exc:  # a stalled VM or redis-server: say so, not a traceback
+                    print(f"store_cost: the {n:,}-subject run failed: {exc}. Nothing was measured for "
+                          "it; run again (a busy machine can stall Redis past the store's timeout).",
+                          file=sys.stderr)
+                    return 1
                 print(f"| {n:,} | {ms:.4f} | {own:.4f} | {rate:,.0f} |", flush=True)
         finally:
             procs.stop_all()
