@@ -79,8 +79,7 @@ class Script:
     """A Lua file, its SHA1 computed here so EVALSHA works before SCRIPT LOAD ever answered."""
 
     def __init__(self, name: str) -> None:
-        # A plain path, not importlib.resources (0.4 MiB resident to import): the package ships
-        # as files (pyproject's package-data).
+        # By path: the package ships as files (pyproject's package-data).
         self.source = (_SCRIPTS / name).read_text("utf-8")
         self.sha = hashlib.sha1(self.source.encode("utf-8")).hexdigest()
 
