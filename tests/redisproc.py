@@ -7,16 +7,26 @@ so fault tests pass `external=False`). A missing `redis-server` fails the test; 
 """
 from __future__ import annotations
 
+import asyncio
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import time
+import uuid
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlsplit
 
 import pytest
+
+from proxy.quota.resp import pack
+
+T = TypeVar("T")
 
 START_TIMEOUT_SECONDS = 10.0
 
@@ -217,3 +227,49 @@ def start_cluster(tmp_path: Path, n: int = 3) -> ClusterProc:
         cluster.stop()
         raise
     return cluster
+
+
+@dataclass(frozen=True)
+class Ran:
+    """One command Redis ran, as MONITOR shows it."""
+
+    args: list[str]
+    from_script: bool  # run by a Lua script, not sent by a client
+
+    @property
+    def name(self) -> str:
+        return self.args[0].lower()
+
+
+async def _raw_connection(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    parts = urlsplit(url)
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    if parts.password:  # a REDIS_URL with credentials
+        writer.write(pack(("AUTH", *([parts.username] if parts.username else []), parts.password)))
+        assert await reader.readline() == b"+OK\r\n"
+    return reader, writer
+
+
+async def monitored(url: str, action: Awaitable[T]) -> tuple[T, list[Ran]]:
+    """`action`'s result and every command Redis ran while it ran, in order, scripts' own
+    included. Both of our connections (MONITOR, and the one whose ECHO ends the capture) are open
+    before the action starts, so no handshake of ours shows up among them."""
+    reader, writer = await _raw_connection(url)
+    marker_reader, marker_writer = await _raw_connection(url)
+    try:
+        writer.write(b"MONITOR\r\n")
+        assert await reader.readline() == b"+OK\r\n"
+        result = await action
+        end = uuid.uuid4().hex
+        marker_writer.write(pack(("ECHO", end)))
+        await marker_reader.readline()
+        ran: list[Ran] = []
+        while True:
+            line = (await asyncio.wait_for(reader.readline(), 5)).decode()
+            args = [a.replace('\\"', '"') for a in re.findall(r'"((?:[^"\\]|\\.)*)"', line)]
+            if args == ["ECHO", end]:
+                return result, ran
+            ran.append(Ran(args, " lua]" in line))  # "+<time> [0 lua] ..." for a script's own
+    finally:
+        writer.close()
+        marker_writer.close()

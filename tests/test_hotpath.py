@@ -9,7 +9,6 @@ import logging
 import math
 import os
 import random
-import re
 import subprocess
 import sys
 import uuid
@@ -17,13 +16,12 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 import yaml
 from conftest import ALICE_KEY, BACKEND_KEY, base_config
 from prometheus_client import CollectorRegistry
-from redisproc import RedisProc
+from redisproc import RedisProc, monitored
 
 from proxy.auth import KeyRing
 from proxy.config import parse_config
@@ -198,32 +196,6 @@ async def test_redis_window_without_a_running_total_is_summed_once_in_full(redis
         assert refused.retry_after_seconds == pytest.approx(second - 5 + 60 - (T0 + 31))  # when the 200 leaves
 
 
-async def _monitored(url: str, action: Callable[[], Awaitable[object]],
-                     marker: Callable[[str], Awaitable[object]]) -> list[list[str]]:
-    """The commands Redis ran while `action` ran, scripts' own included (MONITOR lists them);
-    `marker(text)` sends ECHO text, which ends the capture."""
-    parts = urlsplit(url)
-    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
-    try:
-        if parts.password:  # a REDIS_URL with credentials
-            writer.write(pack(("AUTH", *([parts.username] if parts.username else []), parts.password)))
-            assert await reader.readline() == b"+OK\r\n"
-        writer.write(b"MONITOR\r\n")
-        assert await reader.readline() == b"+OK\r\n"
-        await action()
-        end = uuid.uuid4().hex
-        await marker(end)
-        seen: list[list[str]] = []
-        while True:
-            line = (await asyncio.wait_for(reader.readline(), 5)).decode()
-            args = [a.replace('\\"', '"') for a in re.findall(r'"((?:[^"\\]|\\.)*)"', line)]
-            if args == ["ECHO", end]:
-                return seen
-            seen.append(args)
-    finally:
-        writer.close()
-
-
 async def test_redis_admission_reads_a_sparse_window_whole_instead_of_probing_it(redis_server: RedisProc) -> None:
     """A subject seen every 20 s has a bucket every 20 s: past the window's start its oldest live
     bucket is a gap away, which admit.lua finds by reading the few buckets there are, not by
@@ -234,18 +206,14 @@ async def test_redis_admission_reads_a_sparse_window_whole_instead_of_probing_it
         tpm = (Limit("user:al", LimitName.TPM, 1000),)
         for n, at in enumerate((0, 20, 40)):
             assert (await store.admit(Admission(f"r{n}", TAG, tpm, 100 + n, 0, T0 + at, "2030-03-17", "2030-03"))).admitted
-        late: list[Decision] = []
-
-        async def admit() -> None:
-            late.append(await store.admit(Admission("r9", TAG, tpm, 100, 0, T0 + 61, "2030-03-17", "2030-03")))
-
-        ran = await _monitored(redis_server.url, admit, lambda text: call(pack(("ECHO", text))))
-        on_window = [args for args in ran if len(args) > 1 and args[1] == key]
+        late, ran = await monitored(redis_server.url, store.admit(
+            Admission("r9", TAG, tpm, 100, 0, T0 + 61, "2030-03-17", "2030-03")))
+        on_window = [r.args for r in ran if r.from_script and len(r.args) > 1 and r.args[1] == key]
         probed = sum(len(args) - 2 for args in on_window if args[0].upper() in ("HMGET", "HEXISTS"))
         assert any(args[0].upper() == "HGETALL" for args in on_window)  # the buckets there are, read once
         assert probed <= 16, on_window  # t and o, the 2 s that left, a look ahead of 8 s
-        assert late[0].admitted and late[0].states[0].used == 101 + 102 + 100  # the bucket of T0 has left
-        assert late[0].states[0].reset_seconds == pytest.approx(second + 20 + 60 - (T0 + 61))
+        assert late.admitted and late.states[0].used == 101 + 102 + 100  # the bucket of T0 has left
+        assert late.states[0].reset_seconds == pytest.approx(second + 20 + 60 - (T0 + 61))
 
 
 async def test_redis_aggregate_hash_expires_a_retention_after_its_days_first_event(redis_server: RedisProc) -> None:

@@ -13,7 +13,7 @@ from typing import TypeVar
 
 import pytest
 from redis.asyncio import Redis
-from redisproc import ClusterProc, RedisProc, start_redis
+from redisproc import ClusterProc, RedisProc, monitored, start_redis
 
 from proxy.errors import StoreError
 from proxy.quota.counters import WINDOW_TTL_SECONDS
@@ -356,44 +356,28 @@ async def test_memory_store_drops_expired_counters() -> None:
 # --- Redis only -------------------------------------------------------------------------------
 
 
-_HANDSHAKE = {"hello", "client"}  # redis-py 8 greets a new connection with HELLO and CLIENT SETINFO
-
-
-async def _client_commands(observer: Redis, action: Awaitable[T]) -> tuple[T, list[str]]:
-    """`action`'s result and the commands clients sent while it ran, seen through MONITOR
-    (script-internal commands, which INFO commandstats would also count, are left out, and so is
-    the handshake redis-py opens the observer's own second connection with)."""
-    marker = uuid.uuid4().hex
-    seen: list[str] = []
-    async with observer.monitor() as monitor:
-        result = await action
-        await observer.echo(marker)
-        while True:
-            entry = await monitor.next_command()
-            if marker in entry["command"]:
-                return result, seen
-            name = entry["command"].split()[0].lower()
-            if entry.get("client_type") != "lua" and name not in _HANDSHAKE:
-                seen.append(name)
+async def _client_commands(url: str, action: Awaitable[T]) -> tuple[T, list[str]]:
+    """`action`'s result and the commands clients sent while it ran (script-internal ones, which
+    INFO commandstats would also count, are left out)."""
+    result, ran = await monitored(url, action)
+    return result, [r.name for r in ran if not r.from_script]
 
 
 async def test_admit_and_settle_are_one_round_trip_each(redis_server: RedisProc) -> None:
     store = RedisStore(redis_server.url, prefix=f"t{uuid.uuid4().hex[:8]}:")
     await store.start()
-    observer = Redis.from_url(redis_server.url, decode_responses=True)
     limits = (lim(LimitName.RPM, 10), lim(LimitName.TPM, 10_000), lim(LimitName.USD_PER_DAY, 9999),
               lim(LimitName.USD_PER_MONTH, 9999), lim(LimitName.MAX_CONCURRENT, 3))
     try:
         await store.admit(adm(*limits, tokens=5, cost=5))  # warm the connection pool
         for _ in range(3):
             decision, sent = await _client_commands(
-                observer, store.admit(adm(*limits, tokens=5, cost=5)))
+                redis_server.url, store.admit(adm(*limits, tokens=5, cost=5)))
             assert sent == ["evalsha"]
             settled, sent = await _client_commands(
-                observer, store.settle(reservation(decision), 1, 1, T0 + 1))
+                redis_server.url, store.settle(reservation(decision), 1, 1, T0 + 1))
             assert settled and sent == ["evalsha"]
     finally:
-        await observer.aclose()
         await store.close()
 
 
@@ -406,7 +390,7 @@ async def test_a_hash_is_listed_in_its_day_index_once_a_day(redis_server: RedisP
 
     async def sent(day: str, user: str = "al") -> list[str]:
         delta = AggregateDelta(uuid.uuid4().hex, user, day, user, None, "gpt-x", Totals(requests=1))
-        recorded, commands = await _client_commands(observer, store.settle_and_record(None, delta, T0))
+        recorded, commands = await _client_commands(redis_server.url, store.settle_and_record(None, delta, T0))
         assert recorded
         return commands
 
