@@ -35,6 +35,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=100_000, help="measured requests per subject count")
     p.add_argument("--visits", type=int, default=3,
                    help="unmeasured warm-up: every subject admitted and settled this many times first")
+    p.add_argument("--gap", type=float, default=0.0,
+                   help="seconds of simulated time between a subject's visits (0: the real clock). "
+                        "At 60 or more every visit finds its subject's windows stale, as sparse "
+                        "traffic does (a user seen every few minutes); Redis's key TTLs still run on "
+                        "its own clock, so the stale buckets are there to drop")
     p.add_argument("--concurrency", type=int, default=64, help="requests in flight")
     p.add_argument("--redis-core", default="1", help="taskset core list for redis-server ('' for none)")
     p.add_argument("--client-core", default="0", help="taskset core list for this process ('' for none)")
@@ -50,12 +55,15 @@ class Subjects:
                            Limit(f"user:{s}", LimitName.TPM, 1_000_000_000_000)) for s in self.names}
 
 
-async def drive(store: RedisStore, subjects: Subjects, count: int, concurrency: int, start: int) -> None:
-    """`count` requests, round robin over the subjects, `concurrency` at a time."""
+async def drive(store: RedisStore, subjects: Subjects, count: int, concurrency: int, start: int,
+                gap: float = 0.0) -> None:
+    """`count` requests, round robin over the subjects, `concurrency` at a time. With `gap`, the
+    proxy's clock is simulated: each pass over the subjects comes `gap` seconds after the last."""
     day, month = time.strftime("%Y-%m-%d", time.gmtime()), time.strftime("%Y-%m", time.gmtime())
     totals = Totals(1, 12, 20, 0, 0, 0, 230)
     names, n = subjects.names, len(subjects.names)
     next_i = start
+    t0 = time.time()
 
     async def worker() -> None:
         nonlocal next_i
@@ -63,12 +71,12 @@ async def drive(store: RedisStore, subjects: Subjects, count: int, concurrency: 
             i = next_i
             next_i += 1
             user = names[i % n]
-            now = time.time()
+            now = t0 + (i // n) * gap + (time.time() - t0) % 1 if gap else time.time()
             adm = Admission(f"r{i}", user, subjects.limits[user], 52, 600, now, day, month)
             decision = await store.admit(adm)
             assert decision.admitted and decision.reservation is not None
             usage = AggregateDelta(f"e{i}", user, day, user, None, "gpt-4o-mini", totals)
-            await store.settle_and_record(decision.reservation, usage, time.time())
+            await store.settle_and_record(decision.reservation, usage, now if gap else time.time())
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
 
@@ -83,9 +91,9 @@ async def measure(n: int, args: argparse.Namespace, procs: h.Procs) -> tuple[flo
         await store.start()
         subjects = Subjects(n)
         print(f"# {n} subjects: warming up ({args.visits} visits each)", file=sys.stderr, flush=True)
-        await drive(store, subjects, n * args.visits, args.concurrency, 0)
+        await drive(store, subjects, n * args.visits, args.concurrency, 0, args.gap)
         cpu0, own0, t0 = h.cpu_seconds([server.pid]), time.process_time(), time.perf_counter()
-        await drive(store, subjects, args.requests, args.concurrency, n * args.visits)
+        await drive(store, subjects, args.requests, args.concurrency, n * args.visits, args.gap)
         cpu, wall = h.cpu_seconds([server.pid]) - cpu0, time.perf_counter() - t0
         own = time.process_time() - own0
         await store.close()

@@ -216,6 +216,31 @@ async def test_redis_admission_reads_a_sparse_window_whole_instead_of_probing_it
         assert late.states[0].reset_seconds == pytest.approx(second + 20 + 60 - (T0 + 61))
 
 
+async def test_redis_window_with_nothing_live_is_made_again_in_one_write(redis_server: RedisProc) -> None:
+    """A subject back after a quiet minute (the common case for most users): admit.lua drops the
+    old key whole and writes the new bucket, total and oldest second at once, not field by field."""
+    async with _fresh_redis_store(redis_server.url) as (store, prefix, call):
+        key, second = prefix + "{team-a}:user:al:tpm", math.floor(T0)
+        tpm = (Limit("user:al", LimitName.TPM, 1000),)
+        for n, at in enumerate((0, 30)):
+            assert (await store.admit(Admission(f"r{n}", TAG, tpm, 100, 0, T0 + at, "2030-03-17", "2030-03"))).admitted
+        back, ran = await monitored(redis_server.url, store.admit(
+            Admission("r9", TAG, tpm, 250, 0, T0 + 95, "2030-03-17", "2030-03")))
+        assert back.admitted and back.states[0].used == 250
+        on_window = [r.args[0].upper() for r in ran if r.from_script and len(r.args) > 1 and r.args[1] == key]
+        assert on_window == ["HMGET", "HGETALL", "DEL", "HSET", "EXPIRE"]
+        fields = await call(pack(("HGETALL", key)))
+        assert dict(zip(fields[::2], fields[1::2], strict=True)) == {
+            str(second + 95).encode(): b"250", b"t": b"250", b"o": str(second + 95).encode()}
+        # and one never seen: no DEL, the same write
+        other = prefix + "{team-a}:user:bo:tpm"
+        first, ran = await monitored(redis_server.url, store.admit(
+            Admission("r10", TAG, (Limit("user:bo", LimitName.TPM, 1000),), 40, 0, T0, "2030-03-17", "2030-03")))
+        assert first.admitted
+        assert [r.args[0].upper() for r in ran if r.from_script and len(r.args) > 1 and r.args[1] == other] == [
+            "HMGET", "HGETALL", "HSET", "EXPIRE"]
+
+
 async def test_redis_aggregate_hash_expires_a_retention_after_its_days_first_event(redis_server: RedisProc) -> None:
     async with _fresh_redis_store(redis_server.url) as (store, prefix, call):
         key = prefix + aggregate_key(TAG, "2030-03-17", "al", "a")

@@ -64,6 +64,7 @@ end
 -- A window summed in full: drops what left it, sets 't' and 'o'. Returns (used, oldest or -1).
 local function window_full(key)
   local flat = redis.call('HGETALL', key)
+  if #flat == 0 then return 0, -1 end  -- no such key
   local stale, total, first = {}, 0, -1
   for f = 1, #flat, 2 do
     local s = tonumber(flat[f])
@@ -74,12 +75,14 @@ local function window_full(key)
       if first < 0 or s < first then first = s end
     end
   end
-  if #stale > 0 then redis.call('HDEL', key, unpack(stale)) end
   if first < 0 then
-    redis.call('HDEL', key, 't', 'o')
-  else
-    redis.call('HSET', key, 't', total, 'o', first)
+    -- Nothing live (a subject back after a quiet minute): the key goes, and the write below makes
+    -- it again in one HSET.
+    redis.call('DEL', key)
+    return 0, -1
   end
+  if #stale > 0 then redis.call('HDEL', key, unpack(stale)) end
+  redis.call('HSET', key, 't', total, 'o', first)
   return total, first
 end
 
@@ -180,11 +183,18 @@ if admitted == 1 then
         -- The key outlives its newest bucket: its TTL is set when a second's bucket is made, not
         -- again by every request of that second (the TTL's margin covers proxies whose clocks
         -- disagree, writing into a bucket another one made).
-        if redis.call('HINCRBY', key, sec_field, amount) == tonumber(amount) then
+        if oldest[i] < 0 then
+          -- An empty window (no key, or the view above emptied it): its bucket, total and oldest
+          -- second in one write.
+          redis.call('HSET', key, sec_field, amount, 't', amount, 'o', sec_field)
           redis.call('EXPIRE', key, ttls[i])
+        else
+          if redis.call('HINCRBY', key, sec_field, amount) == tonumber(amount) then
+            redis.call('EXPIRE', key, ttls[i])
+          end
+          redis.call('HINCRBY', key, 't', amount)
+          if second < oldest[i] then redis.call('HSET', key, 'o', sec_field) end
         end
-        redis.call('HINCRBY', key, 't', amount)
-        if oldest[i] < 0 or second < oldest[i] then redis.call('HSET', key, 'o', sec_field) end
       else
         redis.call('INCRBY', key, amount)
         redis.call('EXPIRE', key, ttls[i])
