@@ -251,6 +251,29 @@ async def test_redis_aggregate_hash_expires_a_retention_after_its_days_first_eve
         assert (await store.aggregates(("2030-03-17",), user="al"))[0].totals.requests == 3
 
 
+@pytest.mark.parametrize("requests", [1, 0])
+async def test_redis_aggregate_hash_keeps_its_ttl_when_a_second_model_arrives(redis_server: RedisProc,
+                                                                           requests: int) -> None:
+    """record.lua tells a new hash from its requests field's count (no EXISTS call): a model new to
+    an existing hash is a new field, not a new hash, so the retention still counts from the day's
+    first event. An event counting no request (not one the gate sends) is told by EXISTS instead."""
+    async with _fresh_redis_store(redis_server.url) as (store, prefix, call):
+        key = prefix + aggregate_key(TAG, "2030-03-17", "al", "a")
+
+        def usage(n: int, model: str) -> AggregateDelta:
+            return AggregateDelta(f"e{n}", TAG, "2030-03-17", "al", "a", model, Totals(requests, 5, 7, 0, 0, 0, 90))
+
+        assert await store.settle_and_record(None, usage(0, "m1"), T0)
+        assert AGG_TTL_SECONDS - 5 < await call(pack(("TTL", key))) <= AGG_TTL_SECONDS
+        await call(pack(("EXPIRE", key, 1000)))  # as if the day's first event were long ago
+        for n, model in enumerate(("m2", "m1", "m3"), start=1):
+            assert await store.settle_and_record(None, usage(n, model), T0)
+            assert 990 < await call(pack(("TTL", key))) <= 1000
+        rows = {r.model: r.totals for r in await store.aggregates(("2030-03-17",), user="al")}
+        assert {m: (t.requests, t.input_tokens) for m, t in rows.items()} == {
+            "m1": (2 * requests, 10), "m2": (requests, 5), "m3": (requests, 5)}
+
+
 def test_fast_admission_refuses_negative_amounts_like_the_general_path() -> None:
     adm = Admission("r", TAG, (Limit("user:al", LimitName.RPM, 5),), -1, 0, T0, "2030-03-17", "2030-03")
     with pytest.raises(ValueError):

@@ -147,7 +147,8 @@ for i = 1, n do
   used[i], oldest[i] = total, first
 end
 
-if redis.call('EXISTS', KEYS[1]) == 1 then
+-- The record is made here (one call for the check and the write); a refusal below drops it again.
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[3]) then
   local none = {}
   for j = 1, m do none[j] = -1 end
   return {1, used, oldest, none, 1}
@@ -201,7 +202,8 @@ if admitted == 1 then
       end
     end
   end
-  redis.call('SET', KEYS[1], '1', 'EX', ARGV[3])
+else
+  redis.call('DEL', KEYS[1])
 end
 
 return {admitted, used, oldest, free_at, 0}

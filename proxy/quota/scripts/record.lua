@@ -20,7 +20,7 @@ ARGV[5]  n            counters
 ARGV[6]  f            aggregate fields (0: KEYS[3] is not touched)
 then n quadruples, one per counter: kind ("w" | "p" | "l"), delta (actual - reserved), bucket
   second (the admission's floor(now), used by "w"), ttl seconds
-then f pairs: field ("measure|model"), increment
+then f pairs: field ("measure|model"), increment; the first is the event's requests field
 
 Returns {recorded (1 | 0 if seen before), settled (1 | 0), created (1 if this made the aggregate
 hash: the caller makes sure the day's index lists it)}.
@@ -72,10 +72,16 @@ if redis.call('DEL', KEYS[2]) == 1 then
 end
 
 if f == 0 then return {1, settled, 0} end
-local created = redis.call('EXISTS', KEYS[3]) == 0 and 1 or 0
 local base = 6 + n * 4
+-- Whether this makes the hash, without a call of its own: every event adds at least 1 to its
+-- model's requests field, the first pair, so that field's new count equals the increment only when
+-- the field is new, and the hash is new only if the field is then all it holds.
+local first = tonumber(ARGV[base + 2])
+local created = 0
+if first < 1 then created = redis.call('EXISTS', KEYS[3]) == 0 and 1 or 0 end
 for j = 1, f do
-  redis.call('HINCRBY', KEYS[3], ARGV[base + (j - 1) * 2 + 1], ARGV[base + (j - 1) * 2 + 2])
+  local v = redis.call('HINCRBY', KEYS[3], ARGV[base + (j - 1) * 2 + 1], ARGV[base + (j - 1) * 2 + 2])
+  if j == 1 and first >= 1 and v == first and redis.call('HLEN', KEYS[3]) == 1 then created = 1 end
 end
 -- One hash per day: its TTL counts from the day's first event.
 if created == 1 then redis.call('EXPIRE', KEYS[3], ARGV[4]) end
