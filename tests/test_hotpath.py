@@ -241,6 +241,28 @@ async def test_redis_window_with_nothing_live_is_made_again_in_one_write(redis_s
             "HMGET", "HGETALL", "HSET", "EXPIRE"]
 
 
+async def test_redis_window_write_sets_a_ttl_for_a_new_bucket_and_o_for_an_older_one(redis_server: RedisProc) -> None:
+    """A bucket admit.lua makes gives the window's key its TTL again (a request into an existing
+    bucket does not), and one older than 'o' (a proxy whose clock is behind) moves 'o'."""
+    async with _fresh_redis_store(redis_server.url) as (store, prefix, call):
+        key, second = prefix + "{team-a}:user:al:tpm", math.floor(T0)
+        tpm = (Limit("user:al", LimitName.TPM, 1000),)
+
+        async def admit(n: int, tokens: int, at: float) -> None:
+            assert (await store.admit(Admission(f"r{n}", TAG, tpm, tokens, 0, at, "2030-03-17", "2030-03"))).admitted
+
+        await admit(1, 100, T0 + 5)
+        await call(pack(("PERSIST", key)))
+        await admit(2, 50, T0 + 5.5)  # the same second's bucket: its TTL was set when it was made
+        assert await call(pack(("TTL", key))) == -1
+        await admit(3, 70, T0 + 2)  # 3 s behind: a new bucket, older than 'o'
+        assert 0 < await call(pack(("TTL", key))) <= 70
+        fields = await call(pack(("HGETALL", key)))
+        assert dict(zip(fields[::2], fields[1::2], strict=True)) == {
+            str(second + 5).encode(): b"150", str(second + 2).encode(): b"70", b"t": b"220",
+            b"o": str(second + 2).encode()}
+
+
 async def test_redis_aggregate_hash_expires_a_retention_after_its_days_first_event(redis_server: RedisProc) -> None:
     async with _fresh_redis_store(redis_server.url) as (store, prefix, call):
         key = prefix + aggregate_key(TAG, "2030-03-17", "al", "a")
