@@ -21,7 +21,7 @@ import pytest
 import yaml
 from conftest import ALICE_KEY, BACKEND_KEY, base_config
 from prometheus_client import CollectorRegistry
-from redisproc import RedisProc, monitored
+from redisproc import Ran, RedisProc, monitored
 
 from proxy.auth import KeyRing
 from proxy.config import parse_config
@@ -196,6 +196,11 @@ async def test_redis_window_without_a_running_total_is_summed_once_in_full(redis
         assert refused.retry_after_seconds == pytest.approx(second - 5 + 60 - (T0 + 31))  # when the 200 leaves
 
 
+def _script_ran_on(ran: list[Ran], key: str) -> list[list[str]]:
+    """The commands a Lua script ran on `key`, in order."""
+    return [r.args for r in ran if r.from_script and len(r.args) > 1 and r.args[1] == key]
+
+
 async def test_redis_admission_reads_a_sparse_window_whole_instead_of_probing_it(redis_server: RedisProc) -> None:
     """A subject seen every 20 s has a bucket every 20 s: past the window's start its oldest live
     bucket is a gap away, which admit.lua finds by reading the few buckets there are, not by
@@ -208,7 +213,7 @@ async def test_redis_admission_reads_a_sparse_window_whole_instead_of_probing_it
             assert (await store.admit(Admission(f"r{n}", TAG, tpm, 100 + n, 0, T0 + at, "2030-03-17", "2030-03"))).admitted
         late, ran = await monitored(redis_server.url, store.admit(
             Admission("r9", TAG, tpm, 100, 0, T0 + 61, "2030-03-17", "2030-03")))
-        on_window = [r.args for r in ran if r.from_script and len(r.args) > 1 and r.args[1] == key]
+        on_window = _script_ran_on(ran, key)
         probed = sum(len(args) - 2 for args in on_window if args[0].upper() in ("HMGET", "HEXISTS"))
         assert any(args[0].upper() == "HGETALL" for args in on_window)  # the buckets there are, read once
         assert probed <= 16, on_window  # t and o, the 2 s that left, a look ahead of 8 s
@@ -227,8 +232,7 @@ async def test_redis_window_with_nothing_live_is_made_again_in_one_write(redis_s
         back, ran = await monitored(redis_server.url, store.admit(
             Admission("r9", TAG, tpm, 250, 0, T0 + 95, "2030-03-17", "2030-03")))
         assert back.admitted and back.states[0].used == 250
-        on_window = [r.args[0].upper() for r in ran if r.from_script and len(r.args) > 1 and r.args[1] == key]
-        assert on_window == ["HMGET", "HGETALL", "DEL", "HSET", "EXPIRE"]
+        assert [args[0].upper() for args in _script_ran_on(ran, key)] == ["HMGET", "HGETALL", "DEL", "HSET", "EXPIRE"]
         fields = await call(pack(("HGETALL", key)))
         assert dict(zip(fields[::2], fields[1::2], strict=True)) == {
             str(second + 95).encode(): b"250", b"t": b"250", b"o": str(second + 95).encode()}
@@ -237,8 +241,7 @@ async def test_redis_window_with_nothing_live_is_made_again_in_one_write(redis_s
         first, ran = await monitored(redis_server.url, store.admit(
             Admission("r10", TAG, (Limit("user:bo", LimitName.TPM, 1000),), 40, 0, T0, "2030-03-17", "2030-03")))
         assert first.admitted
-        assert [r.args[0].upper() for r in ran if r.from_script and len(r.args) > 1 and r.args[1] == other] == [
-            "HMGET", "HGETALL", "HSET", "EXPIRE"]
+        assert [args[0].upper() for args in _script_ran_on(ran, other)] == ["HMGET", "HGETALL", "HSET", "EXPIRE"]
 
 
 async def test_redis_window_write_sets_a_ttl_for_a_new_bucket_and_o_for_an_older_one(redis_server: RedisProc) -> None:

@@ -197,8 +197,8 @@ async def test_budget_burst_admits_exactly_k_and_never_overspends(
 
 async def test_max_concurrent_burst_and_slots_come_back(store_url: str, start_proxy: StartProxy) -> None:
     p = await start_proxy({"store": store_url, "plans": {"free": {"max_concurrent": 2}}})
-    slow = {"x-fake-delay": "0.5"}
-    replies = await burst(p.url, 10, headers={"x-fake-delay": "1.0"})
+    slow = {"x-fake-delay": "1.0"}
+    replies = await burst(p.url, 10, headers=slow)
     assert statuses(replies) == {200: 2, 429: 8}
     # Refused at once, not after the slow ones finished (relative, so a slow CI machine, which
     # delays both, does not fail it; a refusal that waited for a slot would come after them).
