@@ -204,8 +204,8 @@ class Config(_Model):
     @field_validator("store")
     @classmethod
     def _store(cls, v: str) -> str:
-        if v != "memory" and not re.match(r"^(redis|rediss)://", v):
-            raise ValueError("must be `memory` or a redis:// / rediss:// URL")
+        if v != "memory" and not re.match(r"^(redis|rediss|unix)://", v):
+            raise ValueError("must be `memory` or a redis://, rediss:// or unix:// URL")
         return v
 
     @field_validator("providers")

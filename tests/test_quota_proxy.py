@@ -168,6 +168,22 @@ async def test_rpm_burst_admits_exactly_the_limit(store_url: str, start_proxy: S
     assert p.metric("meterproxy_limit_rejections_total", {"user": "alice", "team": "research", "limit": "rpm"}) == 40
 
 
+async def test_unix_socket_store(start_proxy: StartProxy, tmp_path: Path) -> None:
+    """`store: unix:///path?db=N`: a Redis on the same host, reached over its socket, enforces."""
+    sock = tmp_path / "r.sock"
+    server = RedisProc(port=free_port(), workdir=tmp_path / "redis",
+                       extra_args=("--unixsocket", str(sock), "--unixsocketperm", "700"))
+    server.spawn()
+    try:
+        p = await start_proxy({"store": f"unix://{sock}?db=3", "plans": {"free": {"rpm": 3}}})
+        assert statuses(await burst(p.url, 10)) == {200: 3, 429: 7}
+        with redis.Redis(unix_socket_path=str(sock), db=3) as r:
+            assert list(r.scan_iter(match="mp:*"))  # the counters live in that database
+        await p.runner.cleanup()  # before its server goes
+    finally:
+        server.stop()
+
+
 async def test_budget_burst_admits_exactly_k_and_never_overspends(
         store_url: str, start_proxy: StartProxy, fake: FakeProvider, tokenizer: Tokenizer, tmp_path: Path) -> None:
     body = chat_body(max_tokens=12)
