@@ -187,12 +187,20 @@ def start_floor(procs: Procs, pin: Pinning, port: int, upstream_port: int) -> Pr
     return proc
 
 
-def start_redis(procs: Procs, pin: Pinning, port: int) -> Proc:
+def redis_socket(procs: Procs, port: int) -> Path:
+    """Where `start_redis(..., socket=True)` puts the server's unix socket."""
+    return procs.workdir / f"redis-{port}.sock"
+
+
+def start_redis(procs: Procs, pin: Pinning, port: int, unix: bool = False) -> Proc:
+    """A throwaway redis-server on `port`, and with `unix` also on a unix socket (`redis_socket`)."""
     exe = shutil.which("redis-server")
     if exe is None:
         raise StartError("redis-server not found (apt-get install redis-server)")
     argv = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
             "--protected-mode", "no", "--daemonize", "no"]
+    if unix:
+        argv += ["--unixsocket", str(redis_socket(procs, port)), "--unixsocketperm", "700"]
     proc = procs.spawn(f"redis-{port}", pin.wrap(pin.load, argv))
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:

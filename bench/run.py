@@ -131,6 +131,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="meterproxy's allocator: the C library's (a pip install), or jemalloc preloaded, "
                         "as the Docker image ships it (needs libjemalloc2)")
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
+    p.add_argument("--redis-socket", action="store_true",
+                   help="the redis store reaches its redis-server over a unix socket (store: unix://...), "
+                        "as a Redis on the same host may be, instead of TCP on 127.0.0.1")
     p.add_argument("--no-pause", action="store_true",
                    help="leave the targets not being measured running (by default they are stopped with "
                         "SIGSTOP, so their idle timers do not run on the measured target's core)")
@@ -210,7 +213,7 @@ def start_targets(args: argparse.Namespace, names: list[str], procs: h.Procs, pi
                                        ident, prefix + path)
         if "redis" in names:
             plans["redis" + label] = (_redis_starter(procs, pin, f"redis{slug}", upstream_port, ident.keys,
-                                                     args.workers, stores, "redis" + label),
+                                                     args.workers, stores, "redis" + label, args.redis_socket),
                                       ident, prefix + path)
     litellm_bin = os.environ.get("LITELLM_BIN")
     if "litellm" in names and litellm_bin:
@@ -241,11 +244,13 @@ def _meterproxy_starter(procs: h.Procs, pin: h.Pinning, name: str, cfg: Path,
 
 
 def _redis_starter(procs: h.Procs, pin: h.Pinning, name: str, upstream_port: int, keys: int,
-                   workers: int, stores: dict[str, h.Proc], target: str) -> Callable[[int], h.Proc]:
+                   workers: int, stores: dict[str, h.Proc], target: str,
+                   socket: bool) -> Callable[[int], h.Proc]:
     def start(port: int) -> h.Proc:
         rport = h.free_port()
-        stores[target] = h.start_redis(procs, pin, rport)
-        cfg = h.meterproxy_config(procs.workdir, name, upstream_port, f"redis://127.0.0.1:{rport}/0", keys)
+        stores[target] = h.start_redis(procs, pin, rport, socket)
+        url = f"unix://{h.redis_socket(procs, rport)}" if socket else f"redis://127.0.0.1:{rport}/0"
+        cfg = h.meterproxy_config(procs.workdir, name, upstream_port, url, keys)
         return h.start_meterproxy(procs, pin, name, port, cfg, workers)
     return start
 
