@@ -188,7 +188,7 @@ def start_floor(procs: Procs, pin: Pinning, port: int, upstream_port: int) -> Pr
 
 
 def redis_socket(procs: Procs, port: int) -> Path:
-    """Where `start_redis(..., socket=True)` puts the server's unix socket."""
+    """Where `start_redis(..., unix=True)` puts the server's unix socket."""
     return procs.workdir / f"redis-{port}.sock"
 
 

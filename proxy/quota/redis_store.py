@@ -107,7 +107,7 @@ def _fmt(x: float) -> str:
 
 
 class RedisStore:
-    """Quota counters in Redis (`redis://`, `rediss://`) or Redis Cluster.
+    """Quota counters in Redis (`redis://`, `rediss://`, `unix://`) or Redis Cluster.
 
     `cluster`: True/False, or None to take `?cluster=true|false` from the URL, else to ask the
     server (`INFO cluster`) when first connecting. Every key starts with `prefix` and then the
