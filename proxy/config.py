@@ -206,6 +206,8 @@ class Config(_Model):
     def _store(cls, v: str) -> str:
         if v != "memory" and not re.match(r"^(redis|rediss|unix)://", v):
             raise ValueError("must be `memory` or a redis://, rediss:// or unix:// URL")
+        if re.match(r"^unix://[^/]*(\?|$)", v):  # no path: the store would fail at connect
+            raise ValueError("a unix:// URL needs the socket's path, e.g. unix:///run/redis.sock?db=0")
         return v
 
     @field_validator("providers")

@@ -183,6 +183,16 @@ def start_redis(tmp_path: Path, *, external: bool = True) -> RedisProc:
     return server
 
 
+def start_socket_redis(tmp_path: Path) -> tuple[RedisProc, Path]:
+    """A fresh redis-server that also listens on a unix socket, and the socket's path (kept short:
+    a socket path is limited to ~107 bytes)."""
+    sock = tmp_path / "r.sock"
+    server = RedisProc(port=free_port(), workdir=tmp_path / "redis",
+                       extra_args=("--unixsocket", str(sock), "--unixsocketperm", "700"))
+    server.spawn()
+    return server, sock
+
+
 @dataclass
 class ClusterProc:
     nodes: list[RedisProc]

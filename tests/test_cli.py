@@ -40,6 +40,17 @@ def test_check_config_unknown_field_and_bad_yaml(tmp_path: Path) -> None:
     assert r.returncode == 1 and "not valid YAML" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_check_config_store_urls(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    for store, ok in (("unix:///run/redis.sock?db=2", True), ("redis://h:6379/0", True), ("unix://", False),
+                      ("unix://?db=2", False), ("valkey://h:1/0", False)):
+        cfg.write_text(f"store: '{store}'\nproviders:\n  openai: {{type: openai, base_url: 'http://x'}}\n")
+        r = run("check-config", "--config", str(cfg))
+        assert (r.returncode == 0) is ok, (store, r.stderr)
+        if not ok:
+            assert "store" in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
 def test_check_config_missing_env(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("providers:\n  openai: {type: openai, base_url: 'http://x', api_key: '${NO_SUCH_VAR_XYZ}'}\n")

@@ -19,7 +19,7 @@ import redis
 from conftest import ALICE_KEY, BACKEND_KEY, BOB_KEY, Proxy, StartProxy
 from fakeprovider import PROMPT_OVERHEAD, FakeProvider
 from multidict import CIMultiDictProxy
-from redisproc import ClusterProc, RedisProc, free_port
+from redisproc import ClusterProc, RedisProc, free_port, start_socket_redis
 
 from proxy.auth import key_id_of, sha256_hex
 from proxy.config import Config
@@ -170,10 +170,7 @@ async def test_rpm_burst_admits_exactly_the_limit(store_url: str, start_proxy: S
 
 async def test_unix_socket_store(start_proxy: StartProxy, tmp_path: Path) -> None:
     """`store: unix:///path?db=N`: a Redis on the same host, reached over its socket, enforces."""
-    sock = tmp_path / "r.sock"
-    server = RedisProc(port=free_port(), workdir=tmp_path / "redis",
-                       extra_args=("--unixsocket", str(sock), "--unixsocketperm", "700"))
-    server.spawn()
+    server, sock = start_socket_redis(tmp_path)
     try:
         p = await start_proxy({"store": f"unix://{sock}?db=3", "plans": {"free": {"rpm": 3}}})
         assert statuses(await burst(p.url, 10)) == {200: 3, 429: 7}

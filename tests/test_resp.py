@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
-from redisproc import RedisProc, free_port, start_redis
+from redisproc import RedisProc, start_redis, start_socket_redis
 
 from proxy.errors import StoreError
 from proxy.quota.redis_store import RedisStore
@@ -155,10 +155,7 @@ async def test_auth_and_db_come_from_the_url(own_server: RedisProc) -> None:
 
 
 async def test_unix_socket(tmp_path: Path) -> None:
-    sock = tmp_path / "redis.sock"
-    server = RedisProc(port=free_port(), workdir=tmp_path / "redis",
-                       extra_args=("--unixsocket", str(sock), "--unixsocketperm", "700"))
-    server.spawn()
+    server, sock = start_socket_redis(tmp_path)
     store = RedisStore(f"unix://{sock}?db=2", prefix="unix:")
     try:
         await store.start()
