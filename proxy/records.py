@@ -26,31 +26,37 @@ class ApiKind(StrEnum):
     OTHER = "other"
 
 
-class Memo:
-    """What one component worked out for a subject, kept on the subject itself.
+class LayoutSlot:
+    """Where a subject keeps the layout a quota store made for its last admission (the store's own
+    type), so the next admission finds it without a lookup among every subject's layouts."""
 
-    The key ring keeps one Subject per key and end user, so a request reaches its subject's state
-    through the ring's one lookup instead of a lookup of each component's own: with 100,000
-    subjects each such lookup costs a few cache misses. `owner` says whose the value is; anyone
-    else works its own out and takes the memo over."""
-
-    __slots__ = ("owner", "value")
+    __slots__ = ("layout",)
 
     def __init__(self) -> None:
-        self.owner: object = None
-        self.value: Any = None
+        self.layout: object = None
 
 
-@dataclass(frozen=True, slots=True)
-class Subject:
-    """Who a request is metered and limited as."""
+@dataclass(slots=True, unsafe_hash=True)
+class Subject(LayoutSlot):
+    """Who a request is metered and limited as: compared and hashed by who it is (the first five
+    fields, never changed once made).
+
+    It also keeps what components work out for it: the key ring keeps one Subject per key and end
+    user, so a request reaches its subject's state through the ring's one lookup, and with 100,000
+    subjects every further object on the way is a cache miss. `memo` is one component's value
+    (`memo_owner` says whose; anyone else works its own out and takes it over), `layout` the
+    quota store's."""
 
     user: str
     team: str | None
     plan: str
     key_id: str  # short, non-secret id of the virtual key (never the key itself)
     trusted: bool = False  # may name an end user with x-meterproxy-user
-    memo: Memo = field(default_factory=Memo, compare=False, repr=False)
+    memo_owner: object = field(default=None, compare=False, repr=False)
+    memo: Any = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        LayoutSlot.__init__(self)  # the dataclass's own __init__ does not call it
 
 
 @dataclass(slots=True, unsafe_hash=True)  # not frozen: built per request, 4x cheaper to make

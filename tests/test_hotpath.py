@@ -542,3 +542,40 @@ def test_the_server_leaves_frozenlists_cpp_extension_and_libstdcxx_unloaded() ->
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["frozenlist", "False"]
+
+
+def test_end_users_of_one_key_share_all_but_their_own_counters(tmp_path: Path) -> None:
+    """With many subjects each object of its own a request reaches is a cache miss, so what
+    subjects have in common is one object for all: two end users of one trusted key get the same
+    tag and record prefix strings and the same counter and check shapes, while each keeps its own
+    layout (on the Subject itself, no holder between), counters and cells. A top-up still
+    reserves on the subject's output limits."""
+    from zoneinfo import ZoneInfo
+
+    from proxy.app import load_prices
+    from proxy.estimate import Estimate
+    from proxy.providers import build_adapter
+    from proxy.quota.gate import Gate
+    from proxy.records import CountSource
+
+    raw = base_config("http://127.0.0.1:9", tmp_path)
+    raw["plans"]["free"] = {"rpm": 1000, "tpm": 1_000_000}
+    config = parse_config(yaml.safe_dump(raw))
+    store = MemoryStore()
+    gate = Gate(config, store, load_prices(config, str(tmp_path / "config.yaml")), Metrics(CollectorRegistry()),
+                ZoneInfo("UTC"))
+    ring = KeyRing(config)
+    adapter = build_adapter("openai", config.providers["openai"])
+    est = Estimate("gpt-4o-mini", 10, CountSource.TOKENIZER, 20, 20, 1, 5, True)
+    users = [ring.configured_subject(BACKEND_KEY, "carol"), ring.configured_subject(BACKEND_KEY, "dave")]
+    tickets = [gate.admit_now(s, adapter, est, f"r-{i}") for i, s in enumerate(users) if s is not None]
+    assert len(tickets) == 2 and all(t is not None for t in tickets)
+    carol, dave = (s.layout for s in users if s is not None)
+    assert carol is not dave and carol.limits is not dave.limits
+    assert carol.tag == "k:" + users[0].key_id and carol.tag is dave.tag  # type: ignore[union-attr]
+    assert carol.record_prefix is dave.record_prefix
+    assert carol.shape is dave.shape and len(carol.shape) == 2
+    assert carol.check_shape is dave.check_shape
+    assert [key for _, _, key, _ in carol.counters] != [key for _, _, key, _ in dave.counters]
+    assert all(c is not None for c in carol.cells) and not set(map(id, carol.cells)) & set(map(id, dave.cells))
+    assert [lim.name for lim in tickets[0].limits] == [LimitName.TPM]  # type: ignore[union-attr]

@@ -32,7 +32,6 @@ from .store import (
     Admission,
     AggregateDelta,
     Decision,
-    LayoutSlot,
     Limit,
     LimitName,
     LimitState,
@@ -71,7 +70,9 @@ class Ticket:
     cap_per_choice: int | None = None  # the max_tokens the provider will stop at, if any
     choices: int = 1
     watch: Watch | None = None  # None: the provider stops within the reservation by itself
-    limits: tuple[Limit, ...] = ()  # the limits counting output (what a top-up reserves on)
+    # The subject's profile (not its output limits alone: holding that tuple would reach one more
+    # of the subject's objects on every request, for a top-up's sake).
+    profile: _Profile | None = None
     model: str = ""
     priced: bool = False
     next_check: int = _FIRST_CHECK_BYTES  # bytes of kept stream text at the next overrun check
@@ -79,6 +80,11 @@ class Ticket:
     topup_tokens: int = 0
     extensions: list[tuple[Reservation, bool]] = field(default_factory=list)  # (reservation, local)
     settled: bool = False
+
+    @property
+    def limits(self) -> tuple[Limit, ...]:
+        """The limits counting output (what a top-up reserves on)."""
+        return self.profile.output_limits if self.profile is not None else ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +97,6 @@ class _Profile:
     output_limits: tuple[Limit, ...]  # the limits counting output (what a top-up reserves on)
     watch: Watch | None  # how to watch a stream that may run past its reservation
     money: bool  # an enforced budget: its gauges are updated on admission
-    slot: LayoutSlot  # where the store keeps the subject's layout between admissions
 
 
 _UNLIMITED = Decision(True, None, ())
@@ -143,16 +148,15 @@ class Gate(StoreLink):
     # ------------------------------------------------------------ admit
     def _profile(self, subject: Subject) -> _Profile:
         """The subject's profile, kept on the subject (the key ring keeps one per key and end user)."""
-        memo = subject.memo
-        if memo.owner is self:
-            prof: _Profile = memo.value
+        if subject.memo_owner is self:
+            prof: _Profile = subject.memo
             return prof
         limits = self.book.limits_for(subject)
         out = tuple(lim for lim in limits if lim.name in OUTPUT_LIMITS)
         watch = Watch.ENFORCE if any(lim.enforce for lim in out) else Watch.SHADOW if out else None
         money = any(lim.name in MONEY_LIMITS and lim.enforce for lim in limits)
-        prof = _Profile(self.book.plan_of(subject), limits, self.book.tag_for(subject), out, watch, money, LayoutSlot())
-        memo.owner, memo.value = self, prof
+        prof = _Profile(self.book.plan_of(subject), limits, self.book.tag_for(subject), out, watch, money)
+        subject.memo_owner, subject.memo = self, prof
         return prof
 
     def admit_now(self, subject: Subject, adapter: Adapter, est: Estimate, request_id: str) -> Ticket | None:
@@ -165,7 +169,7 @@ class Gate(StoreLink):
         if not prof.limits:
             return self._ticket(subject, _UNLIMITED, False, None, prof, est, est.max_output_tokens, None)
         out = self._sized_output(subject.user, est)
-        decision = store.admit_now(self._admission(request_id, prof, est, out))
+        decision = store.admit_now(self._admission(request_id, subject, prof, est, out))
         if not decision.admitted:
             return None  # nothing was reserved: `admit` asks again and refuses, clamps or queues
         if decision.shadow_denied:
@@ -195,7 +199,7 @@ class Gate(StoreLink):
             # answers without suspending: nothing can settle meanwhile, so it is taken only to
             # wait); only by a plan that may queue.
             room = self._state.room() if self._embedded is None and plan.on_limit == "queue" else None
-            adm = self._admission(request_id, prof, est, out)
+            adm = self._admission(request_id, subject, prof, est, out)
             try:
                 decision, local = await self._store_admit(adm)
             except BaseException:
@@ -224,14 +228,14 @@ class Gate(StoreLink):
                 room = self._state.room()
             await asyncio.wait({room}, timeout=wait)  # a local settle, or when the window frees room
 
-    def _admission(self, request_id: str, prof: _Profile, est: Estimate, out: int) -> Admission:
+    def _admission(self, request_id: str, subject: Subject, prof: _Profile, est: Estimate, out: int) -> Admission:
         now = time.time()
         day, month = self.periods(now)
         cost = est.cost_micro_usd
         if out != est.max_output_tokens:
             cost = self.prices.cost_for_estimate(est.model, est.prompt_tokens, out, self._date(now)) if est.priced else 0
         return Admission(request_id, prof.tag, prof.limits, est.prompt_tokens + out, cost, now, day, month,
-                         slot=prof.slot)
+                         slot=subject)
 
     def _sized_output(self, user: str, est: Estimate) -> int:
         """Output to reserve: min(max_tokens, p95 of this user's recent outputs on this model)."""
@@ -255,7 +259,7 @@ class Gate(StoreLink):
         watch = prof.watch if out > 0 and (cap is None or cap * est.choices > out) else None
         threshold = out * (1 + self.config.stream_overrun_slack)
         return Ticket(decision.reservation, rate_headers(decision.states), clamp, out, local, slot, subject, tag,
-                      cap, max(1, est.choices), watch, prof.output_limits, est.model, est.priced,
+                      cap, max(1, est.choices), watch, prof, est.model, est.priced,
                       max(_FIRST_CHECK_BYTES, math.ceil(threshold)))
 
     def _queue_wait(self, decision: Decision, adm: Admission, tag: str, deadline: float) -> float | None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 from bisect import bisect_left, insort
 from collections import deque
@@ -59,7 +60,9 @@ class History:
         if run is None:
             if full:
                 return  # every remembered pair was in use lately: this one waits for room
-            run = self._runs[key] = _Run()
+            # The model interned: every pair's key then holds one string, which each lookup's
+            # comparison reads, instead of a string of its own (a cache miss with many users).
+            run = self._runs[(user, sys.intern(model))] = _Run()
             run.used = now
         recent, ordered = run.recent, run.ordered
         if len(recent) == _HISTORY_SIZE:

@@ -8,6 +8,7 @@ objects, and hand anything else to it. Both are checked against each other in th
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from datetime import tzinfo
 from typing import Any, Generic, TypeVar
@@ -38,6 +39,10 @@ from proxy.quota.store import (
 CounterSlot = tuple[CounterKind, Measure, str, int]
 # Per limit: (limit, index of its counter, kind of that counter, end of its period, 0.0 for others).
 LimitCheck = tuple[Limit, int, CounterKind, float]
+# Per counter, what every subject with the same limits shares: (kind, measure, ttl seconds).
+CounterShape = tuple[CounterKind, Measure, int]
+# Per limit, likewise: (index of its counter, kind of that counter, end of its period or 0.0).
+CheckShape = tuple[int, CounterKind, float]
 # Per counter, as a direct path saw it: (used, oldest window bucket or None, what this admission adds).
 Seen = tuple[int, int | None, int]
 _LayoutKey = tuple[int, str, str, str, float]
@@ -46,14 +51,19 @@ _LayoutKey = tuple[int, str, str, str, float]
 class Layout:
     """One subject's counters and limit checks for one day, month and lease length."""
 
-    __slots__ = ("limits", "counters", "checks", "leases", "lease_seconds", "owner", "tag", "day", "month",
-                 "record_prefix", "seen_prefix", "_aggregate")
+    __slots__ = ("limits", "counters", "checks", "shape", "check_shape", "leases", "lease_seconds", "owner", "tag",
+                 "day", "month", "record_prefix", "seen_prefix", "_agg_user", "_agg_team", "_agg")
 
     def __init__(self, limits: tuple[Limit, ...], counters: tuple[CounterSlot, ...],
                  checks: tuple[LimitCheck, ...], lease_seconds: float) -> None:
         self.limits = limits  # the tuple this was laid out for: the cache matches it by identity
         self.counters = counters
         self.checks = checks
+        # `counters` and `checks` less the keys and Limit objects, shared by every layout of the
+        # same shape (set by the Layouts that made it): a direct path walks these, which stay in
+        # cache across subjects, and reads a subject's own key only to make its counter.
+        self.shape: tuple[CounterShape, ...] = ()
+        self.check_shape: tuple[CheckShape, ...] = ()
         self.leases = any(kind is CounterKind.LEASES for kind, _, _, _ in counters)
         self.lease_seconds = lease_seconds
         # Set by the Layouts that made it: what a slot's layout is checked against.
@@ -61,20 +71,23 @@ class Layout:
         self.tag = self.day = self.month = ""
         # Keys with the store's prefix, less the request or event id: record_key(...), seen_key(...)
         self.record_prefix = self.seen_prefix = ""
-        self._aggregate: tuple[str, str | None, Any] | None = None  # (user, team, the store's handle)
+        # The aggregate held: its user and team, and the store's handle (None: none held). Slots,
+        # not a tuple: one object fewer to reach on every settle.
+        self._agg_user: str | None = None
+        self._agg_team: str | None = None
+        self._agg: Any = None
 
     def held_aggregate(self, usage: AggregateDelta) -> Any:
         """What the store keeps for `usage`'s aggregate (its cell, or its key), if this layout
         holds it: a layout is one subject's for one day, so a settle need not look it up among
         every subject's. None: look it up, then `hold_aggregate` it."""
-        held = self._aggregate
-        if held is not None and held[0] is usage.user and held[1] is usage.team and self.day is usage.day:
-            return held[2]
+        if self._agg_user is usage.user and self._agg_team is usage.team and self.day is usage.day:
+            return self._agg
         return None
 
     def hold_aggregate(self, usage: AggregateDelta, handle: Any) -> None:
         if self.day == usage.day and self.tag == usage.tag:
-            self._aggregate = (usage.user, usage.team, handle)
+            self._agg_user, self._agg_team, self._agg = usage.user, usage.team, handle
 
 
 def record_ttl_seconds(lease_seconds: float) -> int:
@@ -98,6 +111,7 @@ class Layouts(Generic[L_co]):
         self._prefix = prefix
         self._make = make
         self._cache: dict[_LayoutKey, L_co] = {}
+        self._shapes: dict[tuple[Any, ...], tuple[Any, ...]] = {}  # each shape once, so layouts share it
 
     def get(self, limits: tuple[Limit, ...], tag: str, day: str, month: str, lease_seconds: float,
             slot: LayoutSlot | None = None) -> L_co:
@@ -129,11 +143,23 @@ class Layouts(Generic[L_co]):
             for lim, slot in zip(limits, slots, strict=True))
         layout = self._make(limits, counters, checks, lease_seconds)
         layout.owner, layout.tag, layout.day, layout.month = self, tag, day, month
-        layout.record_prefix, layout.seen_prefix = prefix + record_key(tag, ""), prefix + seen_key(tag, "")
+        # Interned like the tag: the end users of a key (or a team) share them.
+        layout.record_prefix = sys.intern(prefix + record_key(tag, ""))
+        layout.seen_prefix = sys.intern(prefix + seen_key(tag, ""))
+        layout.shape = self._shared(tuple((kind, measure, ttl) for kind, measure, _, ttl in counters))
+        layout.check_shape = self._shared(tuple((slot, kind, end) for _, slot, kind, end in checks))
         if len(self._cache) >= SHAPE_CACHE_MAX:
             self._cache.clear()
         self._cache[key] = layout
         return layout
+
+    def _shared(self, shape: tuple[Any, ...]) -> tuple[Any, ...]:
+        hit = self._shapes.get(shape)
+        if hit is None:
+            if len(self._shapes) >= SHAPE_CACHE_MAX:
+                self._shapes.clear()
+            hit = self._shapes[shape] = shape
+        return hit
 
     def of_reservation(self, reservation: Reservation) -> L_co:
         """What settling a reservation touches (its keys do not depend on the lease it was admitted with):
@@ -144,13 +170,15 @@ class Layouts(Generic[L_co]):
         return self.get(reservation.limits, reservation.tag, reservation.day, reservation.month, DEFAULT_LEASE_SECONDS)
 
 
-def passing_states(checks: tuple[LimitCheck, ...], seen: list[Seen], now: float) -> list[LimitState] | None:
+def passing_states(layout: Layout, seen: list[Seen], now: float) -> list[LimitState] | None:
     """Each limit's state once this admission is counted, as `counters.limit_states` gives it for an
     admitted request; None if some limit (enforced or not) would go over, for the general path to
     say which and why."""
     second = math.floor(now)
     states = []
-    for lim, slot, kind, end in checks:
+    limits = layout.limits
+    for i, (slot, kind, end) in enumerate(layout.check_shape):
+        lim = limits[i]
         used, oldest, added = seen[slot]
         if used + added > lim.value:
             return None

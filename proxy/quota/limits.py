@@ -4,6 +4,7 @@ the client: OpenAI-style rate-limit headers, `x-budget-remaining-usd`, and 429s 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable
 from functools import lru_cache
 
@@ -59,13 +60,14 @@ class LimitBook:
 
         The team's when there is one (its members share the team's counters); else a trusted
         key's, so the key's own limits are one counter across all the end users it names; else
-        the user's.
+        the user's. Interned: every end user of a key (and member of a team) then holds one
+        string, which the hot path touches for each of them anyway.
         """
         if subject.team:
-            return f"t:{subject.team}"
+            return sys.intern(f"t:{subject.team}")
         if subject.trusted:
-            return f"k:{subject.key_id}"
-        return f"u:{subject.user}"
+            return sys.intern(f"k:{subject.key_id}")
+        return sys.intern(f"u:{subject.user}")
 
     def tag_of_record(self, user: str, team: str | None, key_id: str) -> str:
         """`tag_for` of a finished request known only by its record (refused before admission).

@@ -176,17 +176,17 @@ class MemoryStore:
         if tokens < 0 or cost < 0:
             return None  # the general path raises
         seen = self._fast_views(layout, tokens, cost, now)
-        states = passing_states(layout.checks, seen, now)
+        states = passing_states(layout, seen, now)
         if states is None:
             return None  # refused or shadow-refused: the general path says which and why
         second = math.floor(now)
         cells = layout.cells
-        for i, ((kind, _, key, ttl), (_, _, added)) in enumerate(zip(layout.counters, seen, strict=True)):
+        for i, ((kind, _, ttl), (_, _, added)) in enumerate(zip(layout.shape, seen, strict=True)):
             if added == 0:
                 continue
             cell = cells[i]  # live: `_fast_views` just looked
             if cell is None:
-                cell = cells[i] = self._new_cell(key)
+                cell = cells[i] = self._new_cell(layout.counters[i][2])
             if kind is CounterKind.WINDOW:
                 cell.add(second, added)
             else:
@@ -199,11 +199,10 @@ class MemoryStore:
         """Per counter: (used, oldest window bucket, what this admission adds), as `_view` sees it;
         leaves `layout.cells` holding each counter's live cell, or None."""
         low = math.floor(now) - WINDOW_SECONDS + 1
-        cells = layout.cells
         seen: list[Seen] = []
-        for i, (kind, measure, key, _) in enumerate(layout.counters):
+        for i, (kind, measure, _) in enumerate(layout.shape):
             added = amount_of(measure, tokens, cost)
-            cell = self._held(cells, i, key, now)
+            cell = self._held(layout, i, now)
             if cell is None:
                 seen.append((0, None, added))
             elif kind is CounterKind.WINDOW:
@@ -248,10 +247,10 @@ class MemoryStore:
         if expiry is None or expiry <= now:
             return False
         cells = layout.cells
-        for i, (kind, measure, key, ttl) in enumerate(layout.counters):
+        for i, (kind, measure, ttl) in enumerate(layout.shape):
             delta = settle_delta(measure, reservation, tokens, cost_micro_usd)
             if kind is CounterKind.LEASES or delta != 0:
-                cells[i] = self._adjust(kind, key, ttl, self._held(cells, i, key, now), reservation, delta, now)
+                cells[i] = self._adjust(kind, layout, i, ttl, self._held(layout, i, now), reservation, delta, now)
         return True
 
     async def usage(self, limits: tuple[Limit, ...], tag: str, now: float, day: str,
@@ -269,11 +268,13 @@ class MemoryStore:
             return None
         return cell
 
-    def _held(self, cells: list[_Cell | None], i: int, key: str, now: float) -> _Cell | None:
-        """`_live` for a layout's i-th counter, through the cell it holds while that lives."""
+    def _held(self, layout: _Layout, i: int, now: float) -> _Cell | None:
+        """`_live` for a layout's i-th counter, through the cell it holds while that lives (the
+        counter's key, the subject's own string, is read only when it does not)."""
+        cells = layout.cells
         cell = cells[i]
         if cell is None or cell.dead or cell.expiry <= now:
-            cell = cells[i] = self._live(key, now)
+            cell = cells[i] = self._live(layout.counters[i][2], now)
         return cell
 
     def _new_cell(self, key: str) -> _Cell:
@@ -350,9 +351,9 @@ class MemoryStore:
             cell.total += counter.amount
         cell.expiry = now + counter.ttl_seconds
 
-    def _adjust(self, kind: CounterKind, key: str, ttl: int, cell: _Cell | None, reservation: Reservation,
-                delta: int, now: float) -> _Cell | None:
-        """Settle one counter whose live cell (or None) is `cell`; returns its cell now."""
+    def _adjust(self, kind: CounterKind, layout: _Layout, i: int, ttl: int, cell: _Cell | None,
+                reservation: Reservation, delta: int, now: float) -> _Cell | None:
+        """Settle `layout`'s i-th counter, whose live cell (or None) is `cell`; returns its cell now."""
         if kind is CounterKind.LEASES:
             if cell is not None and cell.leases is not None:
                 cell.leases.pop(reservation.request_id, None)
@@ -362,7 +363,7 @@ class MemoryStore:
             if second < window_floor(now):
                 return cell  # already out of the window: nothing left to correct
             if cell is None:
-                cell = self._new_cell(key)
+                cell = self._new_cell(layout.counters[i][2])
                 cell.expiry = now + ttl
             cell.add(second, delta)
             if delta > 0:  # what it added must outlive the window
@@ -371,7 +372,7 @@ class MemoryStore:
         if cell is None:
             if delta < 0:
                 return None  # the period's counter is gone: nothing to refund
-            cell = self._new_cell(key)
+            cell = self._new_cell(layout.counters[i][2])
             cell.expiry = now + ttl
         cell.total = max(0, cell.total + delta)
         return cell

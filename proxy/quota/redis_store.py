@@ -220,7 +220,7 @@ class RedisStore:
 
     def _admit_direct(self, layout: ScriptLayout, admission: Admission, seen: list[Seen]) -> Decision | None:
         """The admitted decision when every limit passed, without the general path's objects."""
-        states = passing_states(layout.checks, seen, admission.now)
+        states = passing_states(layout, seen, admission.now)
         if states is None:
             return None
         return Decision(True, reservation_of(admission, layout), tuple(states), None, 0.0, ())

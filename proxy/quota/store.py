@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
+from ..records import LayoutSlot
+
 
 class LimitName(StrEnum):
     RPM = "rpm"
@@ -53,16 +55,6 @@ class Limit:
 # How long a concurrency slot is held unless the admission says otherwise. A reservation does not
 # carry it: settling needs only its counters' keys, which do not depend on it.
 DEFAULT_LEASE_SECONDS = 600.0
-
-
-class LayoutSlot:
-    """Where a subject keeps the layout a store made for its last admission (the store's own
-    type), so the next admission finds it without a lookup among every subject's layouts."""
-
-    __slots__ = ("layout",)
-
-    def __init__(self) -> None:
-        self.layout: object = None
 
 
 @dataclass(slots=True, unsafe_hash=True)  # not frozen: built per request, 4x cheaper to make
