@@ -77,6 +77,11 @@ class Layout:
         self._agg_team: str | None = None
         self._agg: Any = None
 
+    def key(self, i: int) -> str:
+        """The i-th counter's key (with the store's prefix): the subject's own string, read only
+        to make or find its counter."""
+        return self.counters[i][2]
+
     def held_aggregate(self, usage: AggregateDelta) -> Any:
         """What the store keeps for `usage`'s aggregate (its cell, or its key), if this layout
         holds it: a layout is one subject's for one day, so a settle need not look it up among

@@ -186,7 +186,7 @@ class MemoryStore:
                 continue
             cell = cells[i]  # live: `_fast_views` just looked
             if cell is None:
-                cell = cells[i] = self._new_cell(layout.counters[i][2])
+                cell = cells[i] = self._new_cell(layout.key(i))
             if kind is CounterKind.WINDOW:
                 cell.add(second, added)
             else:
@@ -274,7 +274,7 @@ class MemoryStore:
         cells = layout.cells
         cell = cells[i]
         if cell is None or cell.dead or cell.expiry <= now:
-            cell = cells[i] = self._live(layout.counters[i][2], now)
+            cell = cells[i] = self._live(layout.key(i), now)
         return cell
 
     def _new_cell(self, key: str) -> _Cell:
@@ -363,7 +363,7 @@ class MemoryStore:
             if second < window_floor(now):
                 return cell  # already out of the window: nothing left to correct
             if cell is None:
-                cell = self._new_cell(layout.counters[i][2])
+                cell = self._new_cell(layout.key(i))
                 cell.expiry = now + ttl
             cell.add(second, delta)
             if delta > 0:  # what it added must outlive the window
@@ -372,7 +372,7 @@ class MemoryStore:
         if cell is None:
             if delta < 0:
                 return None  # the period's counter is gone: nothing to refund
-            cell = self._new_cell(layout.counters[i][2])
+            cell = self._new_cell(layout.key(i))
             cell.expiry = now + ttl
         cell.total = max(0, cell.total + delta)
         return cell
