@@ -85,15 +85,23 @@ class Deployment(_Model):
     weight: float = Field(1.0, gt=0)
 
 
+# The largest limit (9.0e15; dollar limits: the same in micro-dollars, about $9 billion): the Redis
+# store's scripts read numbers as Lua doubles, exact up to here, and a limit this large is no limit
+# (leave it out instead). The gate reserves at most one more than this, so a request asking for
+# more is refused by every enforced limit as before, and a shadow limit's counter cannot overflow.
+MAX_LIMIT = 2**53
+MAX_USD_LIMIT = Decimal(MAX_LIMIT) / 1_000_000
+
+
 class Limits(_Model):
     """Limits shared by plans, teams, users and keys. Dollars here; micro-dollars in `budgets()`."""
 
-    rpm: int | None = Field(None, ge=0)
-    tpm: int | None = Field(None, ge=0)
-    tokens_per_day: int | None = Field(None, ge=0)
-    usd_per_day: Decimal | None = Field(None, ge=0)
-    usd_per_month: Decimal | None = Field(None, ge=0)
-    max_concurrent: int | None = Field(None, ge=0)
+    rpm: int | None = Field(None, ge=0, le=MAX_LIMIT)
+    tpm: int | None = Field(None, ge=0, le=MAX_LIMIT)
+    tokens_per_day: int | None = Field(None, ge=0, le=MAX_LIMIT)
+    usd_per_day: Decimal | None = Field(None, ge=0, le=MAX_USD_LIMIT)
+    usd_per_month: Decimal | None = Field(None, ge=0, le=MAX_USD_LIMIT)
+    max_concurrent: int | None = Field(None, ge=0, le=MAX_LIMIT)
     enforce: bool = True  # false: shadow mode, count and log what would be refused
 
     @field_validator("usd_per_day", "usd_per_month", mode="before")

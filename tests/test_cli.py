@@ -35,6 +35,9 @@ def test_check_config_unknown_field_and_bad_yaml(tmp_path: Path) -> None:
     bad.write_text("providers:\n  openai: {type: openai, base_url: 'http://x'}\nplans:\n  free: {rpm: -1}\n")
     r = run("check-config", "--config", str(bad))
     assert r.returncode == 1 and "plans.free.rpm" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    bad.write_text("providers:\n  openai: {type: openai, base_url: 'http://x'}\nplans:\n  free: {tpm: 9007199254740993}\n")
+    r = run("check-config", "--config", str(bad))  # above MAX_LIMIT (2**53): the stores' counters could not hold it
+    assert r.returncode == 1 and "plans.free.tpm" in r.stderr and "9007199254740992" in r.stderr
     bad.write_text("providers: [\n")
     r = run("check-config", "--config", str(bad))
     assert r.returncode == 1 and "not valid YAML" in r.stderr and "Traceback" not in r.stderr

@@ -539,6 +539,24 @@ async def test_shadow_mode_admits_everything_and_counts(start_proxy: StartProxy)
     assert p.metric("meterproxy_shadow_rejections_total", {**labels, "limit": "stream_overrun"}) == 1
 
 
+async def test_a_reservation_beyond_every_limit_is_refused_or_counted_never_an_error(
+        store_url: str, start_proxy: StartProxy) -> None:
+    # max_tokens near 2**63: an enforced tpm refuses it (429, not 500 or 503), and a shadow one
+    # counts it, again and again, without overflowing its counter in either store.
+    p = await start_proxy({"store": store_url, "plans": {"free": {"tpm": 1000}, "pro": {"tpm": 1000, "enforce": False}},
+                           "users": {"alice": {"plan": "free"}, "bob": {"plan": "pro"}}})
+    huge = chat_body(max_tokens=2**63 - 1)
+    refused = await burst(p.url, 1, body=huge)
+    assert refused[0].status == 429 and "tpm" in refused[0].error["message"]
+    replies = await burst(p.url, 3, key=BOB_KEY, body=huge)  # bob is on the pro plan
+    assert statuses(replies) == {200: 3}
+    await p.settled()
+    assert p.metric("meterproxy_shadow_rejections_total", {"user": "bob", "team": "none", "limit": "tpm"}) == 3
+    # The store took every admission and settle itself (a Redis error would have been served open, locally).
+    assert p.metric("meterproxy_store_fallback_admissions_total") == 0
+    assert all(p.metric("meterproxy_store_errors_total", {"op": op}) == 0 for op in ("admit", "settle"))
+
+
 # ---------------------------------------------------------------- store failure
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, tzinfo
 from enum import StrEnum
 
-from ..config import Config, PlanConfig
+from ..config import MAX_LIMIT, Config, PlanConfig
 from ..errors import ProxyError, RateLimited, StoreUnavailable
 from ..estimate import Estimate
 from ..metrics import Metrics
@@ -46,6 +46,9 @@ log = logging.getLogger("meterproxy.quota")
 _FIRST_CHECK_BYTES = 256
 _MIN_CHECK_GROWTH = 1.125  # a stream's text is re-counted only after growing by at least this
 _MIN_TOPUP_TOKENS = 256
+# What an admission reserves at most: more than any limit, so a request asking for more is refused
+# by an enforced limit as it would have been, and no counter overflows.
+_BEYOND_LIMITS = MAX_LIMIT + 1
 
 
 class Watch(StrEnum):
@@ -234,8 +237,12 @@ class Gate(StoreLink):
         cost = est.cost_micro_usd
         if out != est.max_output_tokens:
             cost = self.prices.cost_for_estimate(est.model, est.prompt_tokens, out, self._date(now)) if est.priced else 0
-        return Admission(request_id, prof.tag, prof.limits, est.prompt_tokens + out, cost, now, day, month,
-                         slot=subject)
+        tokens = est.prompt_tokens + out
+        if tokens > _BEYOND_LIMITS:  # (see config.MAX_LIMIT)
+            tokens = _BEYOND_LIMITS
+        if cost > _BEYOND_LIMITS:
+            cost = _BEYOND_LIMITS
+        return Admission(request_id, prof.tag, prof.limits, tokens, cost, now, day, month, slot=subject)
 
     def _sized_output(self, user: str, est: Estimate) -> int:
         """Output to reserve: min(max_tokens, p95 of this user's recent outputs on this model)."""
