@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import sys
+from array import array
 from collections import deque
 from collections.abc import Coroutine
 from datetime import UTC, tzinfo
@@ -16,8 +18,6 @@ from proxy.quota.counters import (
     CounterView,
     Periods,
     admission_plan,
-    aggregate_field_names,
-    aggregate_rows,
     amount_of,
     decide,
     fails,
@@ -41,6 +41,7 @@ from proxy.quota.layout import (
     record_ttl_seconds,
 )
 from proxy.quota.store import (
+    MEASURES,
     Admission,
     AggregateDelta,
     AggregateRow,
@@ -49,69 +50,147 @@ from proxy.quota.store import (
     LimitState,
     Reservation,
     StoredKey,
+    Totals,
 )
 from proxy.quota.sweep import sweep_slice
 
+# A cell's numbers, in its own array: when it expires (whole seconds, rounded up) and its total,
+# then for a sliding window its per-second buckets as (second, amount) pairs, oldest first.
+_EXPIRY, _TOTAL, _BUCKETS = 0, 1, 2
+# The most a counter holds (it saturates there rather than overflow; only a shadow limit can let
+# that much in, since limits stop at config.MAX_LIMIT).
+_MOST = 2**64 - 1
+# Unsigned 64-bit items: 'L' where a C long is 64 bits (it converts 2-digit ints, as seconds are,
+# in a short loop; 'Q' goes through a byte-array conversion), else 'Q'.
+_ITEMS = "L" if array("L").itemsize == 8 else "Q"
 
-class _Cell:
-    """One counter and when it expires: a sliding window's per-second buckets, oldest first, with
-    their running total (a view costs only the buckets that left the window since the last one),
-    a period's total, or a concurrency counter's leases.
+
+def _expiry(at: float) -> int:
+    """A cell's expiry for `at`: the start of the next whole second (a cell may outlive its ttl by
+    up to a second, never die before it). An int, so a cell is compared with `math.floor(now)`
+    (`expiry <= now` exactly when `expiry <= floor(now)`), int with int."""
+    return min(_MOST, math.floor(at) + 1)
+
+
+class _Cell(array):
+    """One counter: a sliding window's per-second buckets with their running total (a view costs
+    only the buckets that left the window since the last one), a period's total, or a
+    concurrency counter's leases; and when it expires.
+
+    Its numbers live in the cell itself (an array of unsigned 64-bit integers: the signed types convert
+    each item through argument parsing): with 100,000 subjects each object a
+    request reaches is a cache miss, and a dict of buckets with an int object per second and a
+    float for the expiry made ~6 of them a counter, where this makes 2-3.
 
     A subject's layout holds its cells, so the direct paths reach its counters without a lookup in
     the store's dict of every subject's; a cell the store drops is marked dead for them."""
 
-    __slots__ = ("key", "buckets", "total", "last", "expiry", "leases", "dead")
+    __slots__ = ("key", "leases", "dead")
+    key: str  # so the sweep, which walks cells, can drop one without a lookup
+    leases: dict[str, float] | None  # LEASES: request_id -> lease expiry
+    dead: bool
 
-    def __init__(self, key: str) -> None:
-        self.key = key  # so the sweep, which walks cells, can drop one without a lookup
-        self.buckets: dict[int, int] = {}
-        self.total = 0
-        self.last = -math.inf  # newest second inserted: keeps `buckets` in time order
-        self.expiry = -math.inf  # set by whoever adds to it
-        self.leases: dict[str, float] | None = None  # LEASES: request_id -> lease expiry
-        self.dead = False
+    def __new__(cls, key: str) -> _Cell:
+        cell = super().__new__(cls, _ITEMS, (0, 0))
+        cell.key, cell.leases, cell.dead = key, None, False
+        return cell
+
+    @property
+    def total(self) -> int:
+        return self[_TOTAL]
+
+    @property
+    def expiry(self) -> int:
+        return self[_EXPIRY]
+
+    def live_until(self, at: float) -> None:
+        self[_EXPIRY] = _expiry(at)
+
+    def outlive(self, at: float) -> None:
+        """Live at least until `at`."""
+        if self[_EXPIRY] < at:
+            self[_EXPIRY] = _expiry(at)
+
+    def add_total(self, amount: int) -> None:
+        """Add to (or, negative, take from) a period's total; never below zero, saturating."""
+        self[_TOTAL] = min(_MOST, max(0, self[_TOTAL] + amount))
+
+    @property
+    def buckets(self) -> dict[int, int]:
+        """A window's buckets, second -> amount (a copy, for the general path)."""
+        return dict(zip(self[_BUCKETS::2], self[_BUCKETS + 1::2], strict=True))
 
     def sweep_expiry(self) -> float | None:
         """When the sweep may drop it; None once it is dropped."""
-        return None if self.dead else self.expiry
+        return None if self.dead else self[_EXPIRY]
 
-    def expire(self, low: int) -> None:
-        b = self.buckets
-        while b:
-            first = next(iter(b))
-            if first >= low:
-                return
-            self.total -= b.pop(first)
+    def expire(self, low: int) -> int | None:
+        """Drop the buckets older than second `low`; returns the oldest left."""
+        n = len(self)
+        i = _BUCKETS
+        if i >= n or self[i] >= low:
+            return self[i] if i < n else None
+        total = self[_TOTAL]
+        while i < n and self[i] < low:
+            total -= self[i + 1]
+            i += 2
+        self[_TOTAL] = total
+        del self[_BUCKETS:i]
+        return self[_BUCKETS] if i < n else None
 
     def view(self, now: float) -> CounterView:
-        self.expire(window_floor(now))
-        return CounterView(self.total, next(iter(self.buckets)) if self.buckets else None)
+        oldest = self.expire(window_floor(now))
+        return CounterView(self[_TOTAL], oldest)
 
     def add(self, second: int, amount: int) -> None:
-        """Add (or, negative, take back) at `second`; never below zero for that bucket."""
-        b = self.buckets
-        old = b.get(second, 0)
+        """Add (or, negative, take back) at `second`; never below zero for that bucket. The total
+        stays its buckets' sum, saturating at `_MOST` (only a shadow limit lets that much in)."""
+        i = len(self) - 2  # the newest bucket: where nearly every add lands
+        newest = self[i] if i >= _BUCKETS else -1
+        if amount > 0 and newest <= second:
+            total = self[_TOTAL] + amount
+            if total > _MOST:
+                amount -= total - _MOST
+                total = _MOST
+            self[_TOTAL] = total
+            if newest < second:  # a new second
+                self.append(second)
+                self.append(amount)
+            else:
+                self[i + 1] += amount
+            return
+        while i >= _BUCKETS and self[i] > second:  # an older second (a settle, a replay): walk back
+            i -= 2
+        old = self[i + 1] if i >= _BUCKETS and self[i] == second else 0
         new = max(0, old + amount)
-        self.total += new - old
-        if new:
-            b[second] = new
-            if second < self.last and old == 0:  # out of time order (a replay): re-sort, rarely
-                self.buckets = dict(sorted(b.items()))
-            self.last = max(self.last, second)
-        else:
-            b.pop(second, None)
+        total = self[_TOTAL] + new - old
+        if total > _MOST:
+            new -= total - _MOST
+            total = _MOST
+        self[_TOTAL] = total
+        if old:
+            if new:
+                self[i + 1] = new
+            else:
+                del self[i:i + 2]
+        elif new:
+            self.insert(i + 2, new)
+            self.insert(i + 2, second)
 
 
 class _Layout(Layout):
-    """A layout with its counters' cells, found on first use."""
+    """A layout with its counters' cells, found on first use, and the tally of its subject's
+    aggregate it settled into last (a subject nearly always calls one model)."""
 
-    __slots__ = ("cells",)
+    __slots__ = ("cells", "tally_of", "tally_model", "tally")
 
     def __init__(self, limits: tuple[Limit, ...], counters: tuple[CounterSlot, ...],
                  checks: tuple[LimitCheck, ...], lease_seconds: float) -> None:
         super().__init__(limits, counters, checks, lease_seconds)
         self.cells: list[_Cell | None] = [None] * len(counters)
+        self.tally_of: dict[str, array[int]] | None = None  # the held aggregate the tally is in
+        self.tally_model = ""  # interned
+        self.tally: array[int] | None = None
 
 
 class MemoryStore:
@@ -129,8 +208,9 @@ class MemoryStore:
         self._next_sweep = -math.inf
         self._sweeping: list[_Cell] = []  # counters the running sweep has yet to look at
         self._sweeping_records: list[str] = []
-        # usage aggregates: day -> (user, team) -> "measure|model" -> count; see `settle_and_record`
-        self._aggs: dict[str, dict[tuple[str, str | None], dict[str, int]]] = {}
+        # usage aggregates: day -> (user, team) -> model -> tally (an array of counts in MEASURES
+        # order, not an int object per count); see `settle_and_record`
+        self._aggs: dict[str, dict[tuple[str, str | None], dict[str, array[int]]]] = {}
         # Events recorded without a reservation -> marker expiry, and the same ids oldest first.
         self._seen: dict[str, float] = {}
         self._seen_order: deque[str] = deque()
@@ -190,26 +270,29 @@ class MemoryStore:
             if kind is CounterKind.WINDOW:
                 cell.add(second, added)
             else:
-                cell.total += added
-            cell.expiry = now + ttl
+                cell[_TOTAL] += added  # within its limits (every limit passed), so within the array's range
+            cell[_EXPIRY] = second + ttl + 1  # `live_until(now + ttl)`, inline
         self._records[record] = now + record_ttl_seconds(admission.lease_seconds)
         return Decision(True, reservation_of(admission, layout), tuple(states), None, 0.0, ())
 
     def _fast_views(self, layout: _Layout, tokens: int, cost: int, now: float) -> list[Seen]:
         """Per counter: (used, oldest window bucket, what this admission adds), as `_view` sees it;
         leaves `layout.cells` holding each counter's live cell, or None."""
-        low = math.floor(now) - WINDOW_SECONDS + 1
+        second = math.floor(now)
+        low = second - WINDOW_SECONDS + 1
         seen: list[Seen] = []
         for i, (kind, measure, _) in enumerate(layout.shape):
             added = amount_of(measure, tokens, cost)
-            cell = self._held(layout, i, now)
+            cell = self._held(layout, i, second)
             if cell is None:
                 seen.append((0, None, added))
             elif kind is CounterKind.WINDOW:
-                cell.expire(low)
-                seen.append((cell.total, next(iter(cell.buckets)) if cell.buckets else None, added))
+                oldest = cell[_BUCKETS] if len(cell) > _BUCKETS else None
+                if oldest is not None and oldest < low:
+                    oldest = cell.expire(low)
+                seen.append((cell[_TOTAL], oldest, added))
             else:
-                seen.append((cell.total, None, added))
+                seen.append((cell[_TOTAL], None, added))
         return seen
 
     def _admit(self, admission: Admission) -> Decision:
@@ -247,10 +330,11 @@ class MemoryStore:
         if expiry is None or expiry <= now:
             return False
         cells = layout.cells
+        second = math.floor(now)
         for i, (kind, measure, ttl) in enumerate(layout.shape):
             delta = settle_delta(measure, reservation, tokens, cost_micro_usd)
             if kind is CounterKind.LEASES or delta != 0:
-                cells[i] = self._adjust(kind, layout, i, ttl, self._held(layout, i, now), reservation, delta, now)
+                cells[i] = self._adjust(kind, layout, i, ttl, self._held(layout, i, second), reservation, delta, now)
         return True
 
     async def usage(self, limits: tuple[Limit, ...], tag: str, now: float, day: str,
@@ -260,21 +344,22 @@ class MemoryStore:
         views = tuple(self._view(c, now, write=False) for c in plan_.counters)
         return limit_states(limits, plan_, views, False, now, periods)
 
-    def _live(self, key: str, now: float) -> _Cell | None:
-        """The key's cell, None if it has none or it expired (then it is dropped)."""
+    def _live(self, key: str, second: int) -> _Cell | None:
+        """The key's cell, None if it has none or it expired by `second` (`math.floor(now)`; then
+        it is dropped)."""
         cell = self._cells.get(key)
-        if cell is not None and cell.expiry <= now:
+        if cell is not None and cell[_EXPIRY] <= second:
             self._drop(cell)
             return None
         return cell
 
-    def _held(self, layout: _Layout, i: int, now: float) -> _Cell | None:
+    def _held(self, layout: _Layout, i: int, second: int) -> _Cell | None:
         """`_live` for a layout's i-th counter, through the cell it holds while that lives (the
         counter's key, the subject's own string, is read only when it does not)."""
         cells = layout.cells
         cell = cells[i]
-        if cell is None or cell.dead or cell.expiry <= now:
-            cell = cells[i] = self._live(layout.key(i), now)
+        if cell is None or cell.dead or cell[_EXPIRY] <= second:
+            cell = cells[i] = self._live(layout.key(i), second)
         return cell
 
     def _new_cell(self, key: str) -> _Cell:
@@ -307,7 +392,7 @@ class MemoryStore:
         sweep_slice(self._sweeping_records, self._records.get, self._records.__delitem__, now)
 
     def _view(self, counter: Counter, now: float, *, write: bool = True) -> CounterView:
-        cell = self._live(counter.key, now)
+        cell = self._live(counter.key, math.floor(now))
         if cell is None:
             return CounterView(0)
         if counter.kind is CounterKind.WINDOW:
@@ -340,7 +425,7 @@ class MemoryStore:
             if cell.leases is None:
                 cell.leases = {}
             cell.leases[admission.request_id] = expiry
-            cell.expiry = max(cell.expiry, expiry + 1)
+            cell.outlive(expiry + 1)
             return
         if counter.amount == 0:
             return
@@ -348,8 +433,8 @@ class MemoryStore:
         if counter.kind is CounterKind.WINDOW:
             cell.add(math.floor(now), counter.amount)
         else:
-            cell.total += counter.amount
-        cell.expiry = now + counter.ttl_seconds
+            cell.add_total(counter.amount)
+        cell.live_until(now + counter.ttl_seconds)
 
     def _adjust(self, kind: CounterKind, layout: _Layout, i: int, ttl: int, cell: _Cell | None,
                 reservation: Reservation, delta: int, now: float) -> _Cell | None:
@@ -364,17 +449,17 @@ class MemoryStore:
                 return cell  # already out of the window: nothing left to correct
             if cell is None:
                 cell = self._new_cell(layout.key(i))
-                cell.expiry = now + ttl
+                cell.live_until(now + ttl)
             cell.add(second, delta)
             if delta > 0:  # what it added must outlive the window
-                cell.expiry = max(cell.expiry, now + ttl)
+                cell.outlive(now + ttl)
             return cell
         if cell is None:
             if delta < 0:
                 return None  # the period's counter is gone: nothing to refund
             cell = self._new_cell(layout.key(i))
-            cell.expiry = now + ttl
-        cell.total = max(0, cell.total + delta)
+            cell.live_until(now + ttl)
+        cell.add_total(delta)
         return cell
 
     # ------------------------------------------------------------ usage aggregates and keys
@@ -404,39 +489,51 @@ class MemoryStore:
                 return False
             seen[usage.event_id] = now + MEMORY_SEEN_TTL_SECONDS
             order.append(usage.event_id)
-        cell = self._aggregate(usage, layout)
-        names = aggregate_field_names(usage.model)
-        requests = names[0]
-        for name, value in zip(names, usage.totals.values(), strict=True):  # `aggregate_fields`, inline
-            if value or name is requests:
-                cell[name] = cell.get(name, 0) + value
+        tally = self._tally(usage, layout)
+        for i, value in enumerate(usage.totals.values()):
+            if value:
+                try:
+                    tally[i] += value
+                except OverflowError:  # below zero or past 2**64 (a provider's absurd count): kept in range
+                    tally[i] = min(_MOST, max(0, tally[i] + value))
         return True
 
-    def _aggregate(self, usage: AggregateDelta, layout: _Layout | None) -> dict[str, int]:
-        """The (day, user, team) aggregate `usage` adds to: a reservation's layout (one subject's
-        for one day) holds its subject's, so a settle does not look it up among every subject's."""
+    def _tally(self, usage: AggregateDelta, layout: _Layout | None) -> array[int]:
+        """The (day, user, team, model) counts `usage` adds to: a reservation's layout (one
+        subject's for one day) holds its subject's aggregate and last tally, so a settle does not
+        look them up among every subject's."""
+        held: dict[str, array[int]] | None = None
         if layout is not None:
-            held: dict[str, int] | None = layout.held_aggregate(usage)
-            if held is not None:
-                return held
-        by_subject = self._aggs.get(usage.day)
-        if by_subject is None:
-            by_subject = self._aggs[usage.day] = {}
-        subject = (usage.user, usage.team)
-        cell = by_subject.get(subject)
-        if cell is None:
-            cell = by_subject[subject] = {}
+            held = layout.held_aggregate(usage)
+            if held is not None and layout.tally_of is held and layout.tally_model == usage.model:
+                return layout.tally  # type: ignore[return-value]  # set with tally_of
+        by_model = held
+        if by_model is None:
+            by_subject = self._aggs.get(usage.day)
+            if by_subject is None:
+                by_subject = self._aggs[usage.day] = {}
+            subject = (usage.user, usage.team)
+            by_model = by_subject.get(subject)
+            if by_model is None:
+                by_model = by_subject[subject] = {}
+        model = sys.intern(usage.model)
+        tally = by_model.get(model)
+        if tally is None:
+            tally = by_model[model] = array(_ITEMS, bytes(8 * len(MEASURES)))
         if layout is not None:  # aggregates are never dropped: it stays the one
-            layout.hold_aggregate(usage, cell)
-        return cell
+            if held is None:
+                layout.hold_aggregate(usage, by_model)
+            if layout.held_aggregate(usage) is by_model:
+                layout.tally_of, layout.tally_model, layout.tally = by_model, model, tally
+        return tally
 
     async def aggregates(self, days: tuple[str, ...], user: str | None = None,
                          team: str | None = None) -> tuple[AggregateRow, ...]:
         rows: list[AggregateRow] = []
         for day in days:
-            for (u, t), fields in self._aggs.get(day, {}).items():
+            for (u, t), by_model in self._aggs.get(day, {}).items():
                 if (user is None or u == user) and (team is None or t == team):
-                    rows += aggregate_rows(day, u, t, fields)
+                    rows += (AggregateRow(day, u, t, model, Totals(*tally)) for model, tally in sorted(by_model.items()))
         return tuple(rows)
 
     async def put_key(self, key: StoredKey) -> None:

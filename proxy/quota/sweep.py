@@ -2,11 +2,11 @@
 whole pass (the memory store's counters and records, the output history's idle pairs)."""
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from typing import TypeVar
 
 SWEEP_SLICE = 256  # keys looked at per call
-K = TypeVar("K", bound=Hashable)
+K = TypeVar("K")
 
 
 def sweep_slice(pending: list[K], expiry_of: Callable[[K], float | None], drop: Callable[[K], None],
