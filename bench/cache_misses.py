@@ -5,7 +5,7 @@ subject that it reaches is a cache miss, and on a VM the timing of that is too n
 builds by a few percent. cachegrind simulates the caches, so its counts are the same from run to
 run. This runs, in process and with no HTTP, the steps of a request that depend on its subject
 (authenticate, admit, settle with the usage aggregates, metrics) on the memory store, with a
-simulated clock at 5,000 requests/s and the cyclic GC off once warm. Each subject is first seen
+simulated clock at 5,000 requests/s (`--rate`) and the cyclic GC off once warm. Each subject is first seen
 once; then one run measures `--requests` more requests and another none, and their difference,
 divided by `--requests`, is what one request costs: instructions, first-level data misses,
 last-level data misses. The last-level cache is set small (2 MiB) so that a few thousand
@@ -51,12 +51,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keys", action="store_true",
                    help="subjects are configured keys (default: end users named through one trusted key)")
     p.add_argument("--requests", type=int, default=4000, help="requests measured (default 4000)")
+    p.add_argument("--rate", type=float, default=5000.0,
+                   help="simulated requests per second (default 5000); e.g. 200 with 5,000 subjects spaces "
+                        "each subject's requests 25 s apart, as 100,000 users at 4,000 RPS are")
     p.add_argument("--ll-bytes", type=int, default=2 * 1024 * 1024, help="simulated last-level cache (default 2 MiB)")
     p.add_argument("--inner", nargs=3, metavar=("SUBJECTS", "WARM", "MEASURED"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
-def workload(subjects: int, warm: int, measured: int, keys: bool) -> None:
+def workload(subjects: int, warm: int, measured: int, keys: bool, rate: float) -> None:
     """The measured process: runs under cachegrind, with the checkout first on sys.path."""
     import time
     from zoneinfo import ZoneInfo
@@ -75,6 +78,7 @@ def workload(subjects: int, warm: int, measured: int, keys: bool) -> None:
     from proxy.records import CountSource, TokenCounts, UsageRecord
 
     clock = [1_800_000_000.0]  # simulated: under cachegrind real time runs ~60x slower
+    step = 1 / rate
     time.time = lambda: clock[0]
     path = harness.meterproxy_config(Path(tempfile.mkdtemp()), "m", 9, "memory", subjects if keys else 1)
     config = load_config(str(path))
@@ -89,7 +93,7 @@ def workload(subjects: int, warm: int, measured: int, keys: bool) -> None:
     tokens = TokenCounts(20, 0, 0, 10, 0)
 
     def one(i: int) -> None:
-        clock[0] += 0.0002
+        clock[0] += step
         name = (names[i % subjects] + " ")[:-1]  # a fresh string, as a parsed header is
         subject = ring.configured_subject(name, None) if keys else ring.configured_subject(harness.TRUSTED_KEY, name)
         assert subject is not None
@@ -119,7 +123,7 @@ def counts(target: Path, subjects: int, warm: int, measured: int, args: argparse
     cmd = ["valgrind", "--tool=cachegrind", "--cache-sim=yes", "--cachegrind-out-file=/dev/null",
            "--I1=32768,8,64", "--D1=32768,8,64", f"--LL={args.ll_bytes},16,64",
            sys.executable, str(Path(__file__).resolve()), "--inner", str(subjects), str(warm), str(measured),
-           *(["--keys"] if args.keys else []), "x=" + str(target)]
+           *(["--keys"] if args.keys else []), "--rate", str(args.rate), "x=" + str(target)]
     env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": f"{target}{os.pathsep}{BENCH}"}
     out = subprocess.run(cmd, cwd=target, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
@@ -137,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.inner:
         subjects, warm, measured = (int(x) for x in args.inner)
-        workload(subjects, warm, measured, args.keys)
+        workload(subjects, warm, measured, args.keys, args.rate)
         return 0
     if shutil.which("valgrind") is None:
         print("cache_misses: valgrind is not installed (Debian: apt-get install -y valgrind)", file=sys.stderr)
@@ -146,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(label, target, n, measured) for label, target in args.targets for n in sizes
             for measured in (0, args.requests)]
     print(f"# {len(jobs)} cachegrind runs, {os.cpu_count()} at a time; LL {args.ll_bytes // 1024} KiB, "
-          f"{args.requests} requests measured", file=sys.stderr, flush=True)
+          f"{args.requests} requests measured at {args.rate:g} simulated requests/s", file=sys.stderr, flush=True)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         # Every subject is seen once before the measured requests (and a little more: the process's
         # own state warms up in the first 2,000).
