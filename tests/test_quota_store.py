@@ -353,6 +353,23 @@ async def test_memory_store_drops_expired_counters() -> None:
     assert len(store._records) == 3 and all(any(i in k for i in ids) for k in store._records)
 
 
+async def test_memory_store_counters_saturate_instead_of_overflowing() -> None:
+    # Only a shadow limit lets this much in (the gate reserves at most MAX_LIMIT + 1), but the
+    # store's 64-bit counters must stay consistent at their edge: a window's total is its buckets'
+    # sum, and taking back what went in leaves what was there.
+    store = MemoryStore()
+    most = 2**64 - 1
+    tpm, day = lim(LimitName.TPM, 10, enforce=False), lim(LimitName.TOKENS_PER_DAY, 10, enforce=False)
+    first = reservation(await store.admit(adm(tpm, day, tokens=most - 5)))
+    reservation(await store.admit(adm(tpm, day, tokens=most - 5, now=T0 + 1)))
+    assert await used(store, tpm, day, now=T0 + 1) == [most, most]
+    window = next(c for k, c in store._cells.items() if k.endswith(":tpm"))
+    assert window.total == sum(window.buckets.values()) == most
+    assert await store.settle(first, 7, 0, T0 + 2)
+    assert await used(store, tpm, day, now=T0 + 2) == [12, 12]  # 5 + 7: the saturated second kept its 5
+    assert window.total == sum(window.buckets.values())
+
+
 # --- Redis only -------------------------------------------------------------------------------
 
 
