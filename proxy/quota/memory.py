@@ -187,10 +187,17 @@ class _Layout(Layout):
     def __init__(self, limits: tuple[Limit, ...], counters: tuple[CounterSlot, ...],
                  checks: tuple[LimitCheck, ...], lease_seconds: float) -> None:
         super().__init__(limits, counters, checks, lease_seconds)
-        self.cells: list[_Cell | None] = [None] * len(counters)
+        # A tuple, not a list: one object to reach, not two; replaced only when a cell is.
+        self.cells: tuple[_Cell | None, ...] = (None,) * len(counters)
         self.tally_of: dict[str, array[int]] | None = None  # the held aggregate the tally is in
         self.tally_model = ""  # interned
         self.tally: array[int] | None = None
+
+    def hold(self, i: int, cell: _Cell | None) -> None:
+        """Hold `cell` as the i-th counter's."""
+        cells = self.cells
+        if cells[i] is not cell:
+            self.cells = (*cells[:i], cell, *cells[i + 1:])
 
 
 class MemoryStore:
@@ -266,7 +273,8 @@ class MemoryStore:
                 continue
             cell = cells[i]  # live: `_fast_views` just looked
             if cell is None:
-                cell = cells[i] = self._new_cell(layout.key(i))
+                cell = self._new_cell(layout.key(i))
+                layout.hold(i, cell)
             if kind is CounterKind.WINDOW:
                 cell.add(second, added)
             else:
@@ -329,12 +337,11 @@ class MemoryStore:
         expiry = self._records.pop(layout.record_prefix + reservation.request_id, None)  # record_key(...)
         if expiry is None or expiry <= now:
             return False
-        cells = layout.cells
         second = math.floor(now)
         for i, (kind, measure, ttl) in enumerate(layout.shape):
             delta = settle_delta(measure, reservation, tokens, cost_micro_usd)
             if kind is CounterKind.LEASES or delta != 0:
-                cells[i] = self._adjust(kind, layout, i, ttl, self._held(layout, i, second), reservation, delta, now)
+                layout.hold(i, self._adjust(kind, layout, i, ttl, self._held(layout, i, second), reservation, delta, now))
         return True
 
     async def usage(self, limits: tuple[Limit, ...], tag: str, now: float, day: str,
@@ -356,10 +363,10 @@ class MemoryStore:
     def _held(self, layout: _Layout, i: int, second: int) -> _Cell | None:
         """`_live` for a layout's i-th counter, through the cell it holds while that lives (the
         counter's key, the subject's own string, is read only when it does not)."""
-        cells = layout.cells
-        cell = cells[i]
+        cell = layout.cells[i]
         if cell is None or cell.dead or cell[_EXPIRY] <= second:
-            cell = cells[i] = self._live(layout.key(i), second)
+            cell = self._live(layout.key(i), second)
+            layout.hold(i, cell)
         return cell
 
     def _new_cell(self, key: str) -> _Cell:
