@@ -131,6 +131,9 @@ class KeyRing:
         if not key:
             return None
         hit = self._resolved(key)
+        subject = hit.subject
+        if subject is not None and not (end_user and subject.trusted):
+            return subject  # the key's own, without reaching its entry (a cache miss with many keys)
         entry = hit.entry
         if entry is None:
             return None
