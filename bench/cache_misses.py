@@ -64,6 +64,13 @@ def workload(subjects: int, warm: int, measured: int, keys: bool, rate: float) -
     import time
     from zoneinfo import ZoneInfo
 
+    # Simulated clocks: under cachegrind real time runs ~60x slower, and what depends on it (the
+    # output history drops pairs idle for ten minutes of `time.monotonic`) would vary from run to
+    # run. Set before the proxy is imported, which binds `time.monotonic` as a default.
+    clock = [1_800_000_000.0]
+    time.time = lambda: clock[0]
+    time.monotonic = lambda: clock[0] - 1_700_000_000.0
+
     import harness
     from prometheus_client import CollectorRegistry
 
@@ -77,9 +84,7 @@ def workload(subjects: int, warm: int, measured: int, keys: bool, rate: float) -
     from proxy.quota.memory import MemoryStore
     from proxy.records import CountSource, TokenCounts, UsageRecord
 
-    clock = [1_800_000_000.0]  # simulated: under cachegrind real time runs ~60x slower
     step = 1 / rate
-    time.time = lambda: clock[0]
     path = harness.meterproxy_config(Path(tempfile.mkdtemp()), "m", 9, "memory", subjects if keys else 1)
     config = load_config(str(path))
     tz = ZoneInfo(config.timezone)
