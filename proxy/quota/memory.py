@@ -54,8 +54,8 @@ from proxy.quota.store import (
 )
 from proxy.quota.sweep import sweep_slice
 
-# A cell's numbers, in its own array: when it expires (whole seconds, rounded up) and its total,
-# then for a sliding window its per-second buckets as (second, amount) pairs, oldest first.
+# A cell's numbers, in its own array: when it expires (a whole second, see `_expiry`) and its
+# total, then for a sliding window its per-second buckets as (second, amount) pairs, oldest first.
 _EXPIRY, _TOTAL, _BUCKETS = 0, 1, 2
 # The most a counter holds (it saturates there rather than overflow; only a shadow limit can let
 # that much in, since limits stop at config.MAX_LIMIT).
@@ -77,10 +77,10 @@ class _Cell(array):
     only the buckets that left the window since the last one), a period's total, or a
     concurrency counter's leases; and when it expires.
 
-    Its numbers live in the cell itself (an array of unsigned 64-bit integers: the signed types convert
-    each item through argument parsing): with 100,000 subjects each object a
-    request reaches is a cache miss, and a dict of buckets with an int object per second and a
-    float for the expiry made ~6 of them a counter, where this makes 2-3.
+    Its numbers live in the cell itself, an array of unsigned 64-bit integers (the signed types
+    convert each item through argument parsing): with 100,000 subjects each object a request
+    reaches is a cache miss, and a dict of buckets with an int object per second and a float for
+    the expiry made ~6 of them a counter, where this makes 2-3.
 
     A subject's layout holds its cells, so the direct paths reach its counters without a lookup in
     the store's dict of every subject's; a cell the store drops is marked dead for them."""
