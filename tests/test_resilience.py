@@ -93,3 +93,24 @@ async def test_unreachable_primary_falls_back(start_proxy: StartProxy, fake: Fak
     assert status == 200 and fake.last.api_key == "sk-second"
     await proxy.settled()
     assert proxy.metric("meterproxy_upstream_errors_total", {"provider": "openai", "kind": "unreachable"}) == 1
+
+
+async def test_a_half_open_trial_whose_client_hangs_up_does_not_keep_the_circuit_open(
+        start_proxy: StartProxy, fake: FakeProvider) -> None:
+    import asyncio
+    proxy = await start_proxy({"providers": {"openai": {
+        "retries": {"attempts": 0}, "circuit_breaker": {"failures": 3, "reset": 0.3}}}})
+    for _ in range(3):
+        assert (await chat(proxy.url, headers={"x-fake-status": "503"}))[0] == 503
+    await asyncio.sleep(0.35)
+    # The one trial request of the half-open circuit: its client gives up before the answer.
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.1)) as s:
+        try:
+            async with s.post(proxy.url + "/openai/v1/chat/completions", json=CHAT,
+                              headers={**AUTH, "x-fake-delay": "0.5"}) as r:
+                await r.read()
+        except TimeoutError:
+            pass
+    await asyncio.sleep(0.8)  # the trial's upstream answer has come (or been abandoned) by now
+    statuses = [(await chat(proxy.url))[0] for _ in range(2)]
+    assert statuses == [200, 200]  # not 502 "circuit is open" for good
