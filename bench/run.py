@@ -57,8 +57,12 @@ class Target:
 class Quiet:
     """Keeps every target process but the measured one stopped (SIGSTOP): an idle proxy still runs
     timers and background tasks (LiteLLM many), and on the proxy core they land in the measured
-    target's latency. A resumed target gets a moment for the timers that fell due while it was
-    stopped, outside its measurement. The fake upstream and the redis-servers keep running."""
+    target's latency. A target is stopped only after a moment for what its last phase left in
+    flight (wrk hangs up at the end, its proxy may still be waiting on the upstream or Redis):
+    frozen mid-request, its timers would fire on resume and count a Redis call or an upstream
+    attempt as timed out (seen: a fail-open admit, and once an upstream breaker opened for 30 s).
+    A resumed target gets a moment for the timers that fell due while it was stopped, outside its
+    measurement. The fake upstream and the redis-servers keep running."""
 
     def __init__(self, targets: list[Target], enabled: bool, settle_s: float = 0.25) -> None:
         self._targets = [t for t in targets if t.proc is not None]
@@ -69,10 +73,12 @@ class Quiet:
     def only(self, target: Target) -> None:
         if not self._enabled:
             return
-        for t in self._targets:
-            if t is not target and t.name not in self._stopped:
-                h.signal_all(t.pids(), signal.SIGSTOP)
-                self._stopped.add(t.name)
+        running = [t for t in self._targets if t is not target and t.name not in self._stopped]
+        if running:
+            time.sleep(self._settle_s)  # their last requests finish before they are frozen
+        for t in running:
+            h.signal_all(t.pids(), signal.SIGSTOP)
+            self._stopped.add(t.name)
         if target.name in self._stopped:
             h.signal_all(target.pids(), signal.SIGCONT)
             self._stopped.discard(target.name)
