@@ -1,6 +1,8 @@
 """Upstream resilience: retries before the first byte, circuit breaker, fallbacks, weighted routing."""
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 from conftest import ALICE_KEY, StartProxy
 from fakeprovider import FakeProvider, start_fake_provider
@@ -50,7 +52,6 @@ async def test_circuit_opens_and_recovers(start_proxy: StartProxy, fake: FakePro
     n = len(fake.requests)
     status, body = await chat(proxy.url)  # open: refused without reaching the upstream
     assert status == 502 and "circuit is open" in body["error"]["message"] and len(fake.requests) == n
-    import asyncio
     await asyncio.sleep(0.35)
     status, _ = await chat(proxy.url)  # half-open trial succeeds, circuit closes
     assert status == 200
@@ -97,7 +98,6 @@ async def test_unreachable_primary_falls_back(start_proxy: StartProxy, fake: Fak
 
 async def test_a_half_open_trial_whose_client_hangs_up_does_not_keep_the_circuit_open(
         start_proxy: StartProxy, fake: FakeProvider) -> None:
-    import asyncio
     proxy = await start_proxy({"providers": {"openai": {
         "retries": {"attempts": 0}, "circuit_breaker": {"failures": 3, "reset": 0.3}}}})
     for _ in range(3):

@@ -46,9 +46,7 @@ log = logging.getLogger("meterproxy.quota")
 _FIRST_CHECK_BYTES = 256
 _MIN_CHECK_GROWTH = 1.125  # a stream's text is re-counted only after growing by at least this
 _MIN_TOPUP_TOKENS = 256
-# What an admission reserves at most: more than any limit, so a request asking for more is refused
-# by an enforced limit as it would have been, and no counter overflows.
-_BEYOND_LIMITS = MAX_LIMIT + 1
+_BEYOND_LIMITS = MAX_LIMIT + 1  # what an admission reserves at most (see `_reservable`)
 
 
 class Watch(StrEnum):
@@ -237,12 +235,8 @@ class Gate(StoreLink):
         cost = est.cost_micro_usd
         if out != est.max_output_tokens:
             cost = self.prices.cost_for_estimate(est.model, est.prompt_tokens, out, self._date(now)) if est.priced else 0
-        tokens = est.prompt_tokens + out
-        if tokens > _BEYOND_LIMITS:  # (see config.MAX_LIMIT)
-            tokens = _BEYOND_LIMITS
-        if cost > _BEYOND_LIMITS:
-            cost = _BEYOND_LIMITS
-        return Admission(request_id, prof.tag, prof.limits, tokens, cost, now, day, month, slot=subject)
+        return Admission(request_id, prof.tag, prof.limits, _reservable(est.prompt_tokens + out), _reservable(cost),
+                         now, day, month, slot=subject)
 
     def _sized_output(self, user: str, est: Estimate) -> int:
         """Output to reserve: min(max_tokens, p95 of this user's recent outputs on this model)."""
@@ -495,7 +489,8 @@ class Gate(StoreLink):
         now = time.time()
         day, month = self.periods(now)
         cost = self.prices.cost_for_estimate(ticket.model, 0, tokens, self._date(now)) if ticket.priced else 0
-        adm = Admission(f"{res.request_id}+{len(ticket.extensions) + 1}", res.tag, ticket.limits, tokens, cost,
+        adm = Admission(f"{res.request_id}+{len(ticket.extensions) + 1}", res.tag, ticket.limits,
+                        _reservable(tokens), _reservable(cost),
                         now, day, month)
         if ticket.local:
             decision, local = await self._state.local.admit(adm), True
@@ -507,6 +502,12 @@ class Gate(StoreLink):
         if decision.reservation is not None:
             ticket.extensions.append((decision.reservation, local))
         return decision
+
+
+def _reservable(amount: int) -> int:
+    """What an admission may reserve of `amount`: at most one more than any limit (config.MAX_LIMIT),
+    so an enforced limit refuses as it would have, and no counter overflows."""
+    return amount if amount <= _BEYOND_LIMITS else _BEYOND_LIMITS
 
 
 def _one_store_call(ticket: Ticket) -> bool:
